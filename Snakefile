@@ -1,0 +1,28 @@
+# mergelaws: how language-model merging scales (arXiv 2509.24244), end to end.
+#   snakemake --profile profiles/local            (the embedded default, CPU)
+#   snakemake --profile profiles/slurm            (a SLURM cluster)
+from snakemake.utils import min_version, validate
+
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/base.smk"
+include: "rules/train.smk"
+include: "rules/sweep.smk"
+include: "rules/fit.smk"
+
+
+rule all:
+    input:
+        LOSSES,
+        FITS,
+        FIGURES,
+    default_target: True

@@ -1,0 +1,90 @@
+# Input functions, wildcard constraints and resources; the logic lives in mergelaws.grid.
+import copy
+import re
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from mergelaws import config as mlconfig
+from mergelaws import grid
+
+try:
+    CFG = mlconfig.validate(copy.deepcopy(config))
+except mlconfig.ConfigError as exc:
+    raise WorkflowError(str(exc))
+
+RESULTS = str(grid.results_dir(CFG))
+SIZES = grid.sizes(CFG)
+DOMAINS = grid.domains(CFG)
+METHODS = grid.methods(CFG)
+
+# The resolved config the CLI reads: rewritten only when its content changes. Rules do not
+# take it as an input; each rule's `params` carry the config parts it depends on, so editing
+# one setting reruns exactly the jobs that use it.
+RESOLVED = f"{RESULTS}/config.resolved.yaml"
+
+
+def _write_resolved():
+    text = yaml.safe_dump(CFG, sort_keys=True)
+    path = Path(RESOLVED)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+_write_resolved()
+
+
+def _alternation(names):
+    return "|".join(re.escape(n) for n in names)
+
+
+wildcard_constraints:
+    size=_alternation(SIZES),
+    domain=_alternation(DOMAINS),
+    method=_alternation(METHODS),
+
+
+LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
+FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
+FIGURES = [
+    f"{RESULTS}/figures/{kind}_{view}.{ext}"
+    for kind in ("loss_vs_k", "variance_vs_k")
+    for view in ("in_domain", "cross_domain")
+    for ext in ("png", "pdf")
+]
+
+
+def base_input(wildcards):
+    """The base's config.json when the base is a local directory or built here."""
+    path = grid.base_dir(CFG, wildcards.size)
+    if grid.is_local(path) or path.startswith(RESULTS):
+        return f"{path}/config.json"
+    return []
+
+
+def expert_inputs(wildcards):
+    return [
+        f"{grid.expert_dir(CFG, wildcards.size, d)}/config.json" for d in DOMAINS
+    ]
+
+
+def res(rule, key, default):
+    """A resource from config: resources.default < resources.<rule> < bases.<size>.resources."""
+
+    def get(wildcards, attempt=1):
+        size = getattr(wildcards, "size", None)
+        value = mlconfig.base_resources(CFG, rule, size).get(key, default)
+        if key in ("mem_mb", "runtime"):
+            return value * attempt  # retries get more memory and time
+        return value
+
+    return get
+
+
+def threads_for(rule):
+    return lambda wildcards: mlconfig.base_resources(
+        CFG, rule, getattr(wildcards, "size", None)
+    ).get("threads", 1)

@@ -1,0 +1,41 @@
+# The fused sweep: one job per (size, method) merges every subset in memory and evaluates
+# it on every domain; the losses of all sweeps are aggregated into one table.
+
+
+rule sweep:
+    input:
+        base=base_input,
+        experts=expert_inputs,
+    output:
+        f"{RESULTS}/sweeps/{{size}}/{{method}}.parquet",
+    params:
+        method=lambda wc: CFG["methods"][wc.method],
+        sweep=CFG["sweep"],
+        evaluation=CFG["eval"],
+        seed=CFG["seed"],
+    threads: threads_for("sweep")
+    resources:
+        mem_mb=res("sweep", "mem_mb", 8000),
+        runtime=res("sweep", "runtime", 120),
+        gpu=res("sweep", "gpu", 0),
+    log:
+        f"{RESULTS}/logs/sweep/{{size}}/{{method}}.log",
+    conda:
+        "../envs/mergelaws.yaml"
+    shell:
+        "mergelaws sweep --config {RESOLVED} --size {wildcards.size} --method {wildcards.method} "
+        "--out {output} --threads {threads} 2>&1 | tee {log}"
+
+
+rule aggregate:
+    input:
+        expand(f"{RESULTS}/sweeps/{{size}}/{{method}}.parquet", size=SIZES, method=METHODS),
+    output:
+        parquet=LOSSES[0],
+        csv=LOSSES[1],
+    log:
+        f"{RESULTS}/logs/aggregate.log",
+    conda:
+        "../envs/mergelaws.yaml"
+    shell:
+        "mergelaws aggregate {input} --out {output.parquet} 2>&1 | tee {log}"

@@ -1,0 +1,25 @@
+# One expert per (base size, domain), fine-tuned from the base (response-only loss).
+
+
+rule train:
+    input:
+        base=base_input,
+    output:
+        config=f"{RESULTS}/experts/{{size}}/{{domain}}/config.json",
+    params:
+        out=lambda wc: grid.expert_dir(CFG, wc.size, wc.domain),
+        train=CFG["train"],
+        data=lambda wc: CFG["domains"][wc.domain],
+        base=lambda wc: grid.base_dir(CFG, wc.size),
+    threads: threads_for("train")
+    resources:
+        mem_mb=res("train", "mem_mb", 4000),
+        runtime=res("train", "runtime", 60),
+        gpu=res("train", "gpu", 0),
+    log:
+        f"{RESULTS}/logs/train/{{size}}/{{domain}}.log",
+    conda:
+        "../envs/mergelaws.yaml"
+    shell:
+        "mergelaws train --config {RESOLVED} --size {wildcards.size} --domain {wildcards.domain} "
+        "--out {params.out} --threads {threads} 2>&1 | tee {log}"

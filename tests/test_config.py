@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+
+from mergelaws import config
+
+
+def _bad(raw, mutate):
+    cfg = copy.deepcopy(raw)
+    mutate(cfg)
+    with pytest.raises(config.ConfigError) as exc:
+        config.validate(cfg)
+    return str(exc.value)
+
+
+def test_default_config_is_valid_and_filled(cfg):
+    assert cfg["sweep"]["k"] == "all"
+    assert cfg["eval"]["batch_tokens"] > 0
+    # method defaults filled from the registry (the paper's Table 1)
+    assert cfg["methods"]["dare"]["drop_rate"] == 0.2
+    assert cfg["methods"]["task_arithmetic"]["scale"] == 0.8
+
+
+def test_unknown_top_level_key_names_it_and_allowed(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c.update(colour="red"))
+    assert "'colour'" in msg and "allowed keys" in msg and "domains" in msg
+
+
+def test_unknown_method_lists_methods(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["methods"].update(foo={}))
+    assert "'foo'" in msg and "ties" in msg and "average" in msg
+
+
+def test_wrong_type(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["train"].update(steps="many"))
+    assert "train.steps" in msg and "type" in msg
+
+
+def test_out_of_range_method_param(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["methods"].update(ties={"density": 1.5}))
+    assert "density" in msg and "1.5" in msg
+
+
+def test_k_larger_than_domains(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["sweep"].update(k=[1, 2, 12]))
+    assert "sweep.k" in msg and "12" in msg
+
+
+def test_enum_lists_choices(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["sweep"].update(sampler="random"))
+    assert "sweep.sampler" in msg and "uniform" in msg and "orders" in msg
+
+
+def test_zero_subsets(default_cfg_raw):
+    msg = _bad(default_cfg_raw, lambda c: c["sweep"].update(subsets_per_k=0))
+    assert "sweep.subsets_per_k" in msg
+
+
+def test_schema_method_params_match_registry():
+    from mergelaws import merge
+
+    defs = config.schema()["$defs"]
+    assert set(config.schema()["properties"]["methods"]["properties"]) == set(merge.method_names())
+    for name in merge.method_names():
+        assert defs[f"method_{name}"] == merge.params_json_schema(name), name
+
+
+def test_cli_reports_config_error(tmp_path, default_cfg_raw, capsys):
+    import yaml
+
+    from mergelaws import cli
+
+    bad = copy.deepcopy(default_cfg_raw)
+    bad["sweep"]["subsets_per_k"] = -3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert cli.main(["validate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "sweep.subsets_per_k" in err

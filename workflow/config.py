@@ -1,0 +1,144 @@
+"""Load and validate config.yaml against the JSON schema, with defaults and clear errors."""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_FILE = "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one sentence naming the key and the fix."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    text = resources.files("mergelaws.schemas").joinpath(SCHEMA_FILE).read_text()
+    return yaml.safe_load(text)
+
+
+def schema_path() -> Path:
+    return Path(str(resources.files("mergelaws.schemas").joinpath(SCHEMA_FILE)))
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in `default` values (as snakemake.utils.validate does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema_)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into one sentence naming the key and what is allowed."""
+    key = _key(error)
+    sch = error.schema if isinstance(error.schema, dict) else {}
+    v = error.validator
+    if v == "additionalProperties":
+        allowed = sorted(sch.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        where = "the top level" if key == "(top level)" else f"'{key}'"
+        return (f"unknown key {', '.join(repr(e) for e in extra)} under {where}; "
+                f"allowed keys: {', '.join(allowed)}")
+    if v == "enum":
+        return f"{key} = {error.instance!r} is not allowed; choose one of {sch['enum']}"
+    if v == "required":
+        return f"{key}: {error.message}; add it to the config"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bounds = []
+        for name, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                         ("maximum", "<="), ("exclusiveMaximum", "<")):
+            if name in sch:
+                bounds.append(f"{op} {sch[name]}")
+        return f"{key} = {error.instance!r} is out of range; allowed: {' and '.join(bounds)}"
+    if v == "type":
+        return f"{key} = {error.instance!r} has the wrong type; expected {sch.get('type')}"
+    if v == "propertyNames":
+        return f"{key}: name {error.instance!r} is not allowed ({error.message})"
+    if v in ("oneOf", "anyOf"):
+        return f"{key} = {error.instance!r} does not match any allowed form: {error.message}"
+    return f"{key}: {error.message}"
+
+
+def validate(cfg: dict) -> dict:
+    """Validate (in place, filling defaults) and run the semantic checks; return cfg."""
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        # the deepest, most specific error first is usually best; report all briefly
+        best = jsonschema.exceptions.best_match(errors)
+        others = [_describe(e) for e in errors if e is not best]
+        msg = "invalid config: " + _describe(best)
+        if others:
+            msg += "\n  also: " + "\n  also: ".join(others[:5])
+        raise ConfigError(msg)
+    _semantic_checks(cfg)
+    return cfg
+
+
+def _semantic_checks(cfg: dict) -> None:
+    from mergelaws import merge
+
+    n_domains = len(cfg["domains"])
+    ks = cfg["sweep"]["k"]
+    if ks != "all":
+        too_big = [k for k in ks if k > n_domains]
+        if too_big:
+            raise ConfigError(
+                f"sweep.k = {too_big} is larger than the number of domains ({n_domains}); "
+                f"use values 0..{n_domains} or 'all'")
+    for name, params in cfg["methods"].items():
+        try:
+            cfg["methods"][name] = merge.resolve_params(name, params or {})
+        except ValueError as exc:
+            raise ConfigError(f"methods.{name}: {exc}") from None
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply overrides (dotted keys), validate and fill defaults."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass the path of your config.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def base_resources(cfg: dict, rule: str, size: str | None = None) -> dict[str, Any]:
+    """Resources for a rule: defaults < resources.<rule> < bases.<size>.resources."""
+    res = dict(cfg["resources"].get("default", {}))
+    res.update(cfg["resources"].get(rule, {}))
+    if size is not None:
+        res.update(cfg["bases"][size].get("resources", {}))
+    return res

@@ -1,0 +1,144 @@
+"""Training: tiny-base pretraining and expert fine-tuning (response-only loss).
+
+Backends for experts:
+
+* ``torch`` — one process, plain PyTorch AdamW loop (CPU or one GPU). The embedded default.
+* ``openrlhf`` — OpenRLHF's SFT trainer under DeepSpeed on a cluster. Its command builder is
+  the seam ``BACKENDS['openrlhf']``; it is not implemented yet (tracked as issue #6), and asking
+  for it fails before any work with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mergelaws import data as D
+from mergelaws import grid, models
+from mergelaws.evaluate import target_nll
+from mergelaws.progress import Progress
+
+
+def lr_at(step: int, steps: int, lr: float, warmup_ratio: float) -> float:
+    """Linear warmup then cosine decay to 10% of the peak."""
+    warm = max(1, int(round(warmup_ratio * steps)))
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, warmup_ratio: float,
+               weight_decay: float, seed: int, pad_id: int, device: str, desc: str,
+               autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """AdamW over seeded batches; returns the loss of every step."""
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    losses = []
+    prog = Progress(steps, desc)
+    for step, batch in enumerate(D.sample_batches(examples, batch_size, steps, seed)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup_ratio)
+        ids, att, lab = (t.to(device) for t in D.pad_batch(batch, pad_id))
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            loss, _ = target_nll(model, ids, att, lab, reduction="mean")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        prog.update(loss=losses[-1])
+    prog.close()
+    model.eval()
+    return losses
+
+
+def mixture_texts(cfg: dict, limit_per_domain: int | None = None) -> list[str]:
+    """The general pretraining mixture: every domain's train split as plain text, interleaved."""
+    per = []
+    for d in grid.domains(cfg):
+        spec = cfg["domains"][d]
+        pairs = D.read_pairs(spec["train"], spec["prompt_field"], spec["response_field"], limit=limit_per_domain)
+        per.append([D.pair_text(p, r) for p, r in pairs])
+    out = []
+    for i in range(max(len(p) for p in per)):
+        out.extend(p[i] for p in per if i < len(p))
+    return out
+
+
+def build_tokenizer(cfg: dict, out: str | Path):
+    return models.train_tokenizer(mixture_texts(cfg), cfg["tokenizer"]["vocab_size"], out)
+
+
+def pretrain(cfg: dict, size: str, out: str | Path, tokenizer_path: str | Path, device: str = "cpu") -> dict:
+    """Pretrain a tiny base of ``size`` on the general mixture; deterministic for a given config."""
+    spec, p = cfg["bases"][size], cfg["pretrain"]
+    tok = models.load_tokenizer(tokenizer_path)
+    model = models.init_model(models.tiny_config(spec, tok), seed=p["seed"]).to(device)
+    examples = D.encode_plain(tok, mixture_texts(cfg), p["seq_len"])
+    t0 = time.time()
+    losses = train_loop(model, examples, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
+                        warmup_ratio=p["warmup_ratio"], weight_decay=p["weight_decay"], seed=p["seed"],
+                        pad_id=tok.pad_token_id, device=device, desc=f"pretrain {size}")
+    record = {"size": size, "params": models.count_params(model), "spec": spec, "pretrain": p,
+              "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+              "seconds": round(time.time() - t0, 2), "torch": torch.__version__}
+    models.save_model(model.cpu(), out, tokenizer=tok, extra_files={"mergelaws_pretrain.json": record})
+    return record
+
+
+# ---- experts -------------------------------------------------------------------------------
+
+def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | Path) -> dict:
+    t = cfg["train"]
+    device = models.resolve_device(t["device"])
+    tok = models.load_tokenizer(base)
+    model = models.load_model(base, "float32", device)
+    enc = D.load_domain(cfg, domain, "train", tok, t["max_len"], limit=t["max_examples"])
+    seed = _expert_seed(cfg["seed"], size, domain)
+    autocast = torch.bfloat16 if t["dtype"] == "bfloat16" else None
+    t0 = time.time()
+    losses = train_loop(model, enc.examples, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
+                        warmup_ratio=t["warmup_ratio"], weight_decay=t["weight_decay"], seed=seed,
+                        pad_id=tok.pad_token_id, device=device, desc=f"expert {size}/{domain}",
+                        autocast_dtype=autocast)
+    record = {"size": size, "domain": domain, "base": str(base), "backend": "torch", "train": t,
+              "seed": seed, "data": enc.stats, "loss_first": losses[0],
+              "loss_last": sum(losses[-10:]) / len(losses[-10:]), "seconds": round(time.time() - t0, 2)}
+    models.save_model(model.cpu(), out, tokenizer=tok, extra_files={"mergelaws_expert.json": record})
+    return record
+
+
+def train_expert_openrlhf(cfg, size, domain, base, out):
+    raise NotImplementedError(
+        "train.backend 'openrlhf' is not implemented yet (issue #6: OpenRLHF/DeepSpeed on SLURM); "
+        "set train.backend: torch")
+
+
+BACKENDS = {"torch": train_expert_torch, "openrlhf": train_expert_openrlhf}
+
+
+def train_expert(cfg: dict, size: str, domain: str, out: str | Path) -> dict:
+    base = grid.base_dir(cfg, size)
+    return BACKENDS[cfg["train"]["backend"]](cfg, size, domain, base, out)
+
+
+def _expert_seed(seed: int, size: str, domain: str) -> int:
+    import hashlib
+
+    h = hashlib.sha256(f"{seed}:{size}:{domain}".encode()).hexdigest()
+    return int(h[:12], 16)
+
+
+def dump(record: dict) -> None:
+    json.dump(record, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
