@@ -25,6 +25,9 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False):
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
     try:
         yield tmp
         if is_dir:

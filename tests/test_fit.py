@@ -1,0 +1,388 @@
+"""Tests for mergelaws.fit: views, per-size and unified law fits, fit_all."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergelaws import fit as F
+
+# Paper Table 3 (Average), in-domain joint fits: L*, B, beta, A0, gamma, b0 (PAPER.md 3.1)
+TABLE3 = {
+    "algebra": (0.18092, 0.11453, 0.42335, 0.052334, 0.0086009, 0.096378),
+    "biology": (0.63884, 0.6201, 0.37247, 0.1588, 1.4702e-11, 0.022561),
+    "chemistry": (0.50824, 0.54954, 0.34262, 0.12219, 2.15e-08, 1.668e-14),
+    "code": (0.28292, 0.20851, 0.41186, 0.082102, 0.13678, 0.43453),
+    "discrete": (0.2052, 0.3295, 0.26766, 0.066181, 4.7525e-12, 9.8614e-05),
+}
+# Paper Table 6 (Average) variance joint fits, in practice a0 * N^-gamma / (k + b0) (PAPER.md 3.3)
+TABLE6_VAR = {
+    "algebra": (0.00159, 0.0178, 1.89e-11),
+    "biology": (0.0556, 0.151, 0.272),
+    "chemistry": (0.0393, 0.127, 0.205),
+    "code": (0.0085, 0.254, 0.912),
+    "discrete": (0.00254, 0.00496, 2.29e-19),
+}
+SIZES_B = np.array([0.5, 1.5, 3.0, 7.0, 14.0, 32.0, 72.0])
+KS = np.arange(1, 10)
+
+
+def law(params, N, k):
+    Ls, B, beta, A0, gamma, b = params
+    return Ls + B * N ** (-beta) + A0 * N ** (-gamma) / (k + b)
+
+
+def grid():
+    N, K = np.meshgrid(SIZES_B, KS, indexing="ij")
+    return N.ravel(), K.ravel().astype(float)
+
+
+# ------------------------------------------------------------------ per-size law
+
+
+@pytest.mark.parametrize("domain", sorted(TABLE3))
+def test_per_size_recovers_table3_noise_free(domain):
+    p = TABLE3[domain]
+    Ls, B, beta, A0, gamma, b0 = p
+    for N in SIZES_B:
+        y = law(p, N, KS)
+        f = F.fit_per_size(KS, y)
+        assert f["converged"] and f["reason"] is None
+        L_inf_true = Ls + B * N ** (-beta)
+        A_true = A0 * N ** (-gamma)
+        assert f["L_inf"] == pytest.approx(L_inf_true, rel=1e-7)
+        assert f["A"] == pytest.approx(A_true, rel=1e-6)
+        assert f["b"] == pytest.approx(b0, abs=1e-6)
+        assert f["r2"] > 1 - 1e-10 and f["rmse"] < 1e-9
+        assert f["n_points"] == 9 and f["weights"] == "k"
+        np.testing.assert_allclose(F.predict_per_size(f, KS), y, rtol=1e-9)
+
+
+def test_per_size_b_at_lower_bound_is_flagged():
+    # chemistry b0 = 1.7e-14, i.e. on the bound b >= 0
+    y = law(TABLE3["chemistry"], 3.0, KS)
+    f = F.fit_per_size(KS, y)
+    assert f["b"] == pytest.approx(0.0, abs=1e-6)
+    assert f["at_bound"] == ["b"]
+    # algebra b0 = 0.096: interior
+    f2 = F.fit_per_size(KS, law(TABLE3["algebra"], 3.0, KS))
+    assert f2["at_bound"] == []
+
+
+def test_per_size_rising_curve_gives_negative_A():
+    y = 0.9 - 0.25 / (KS + 1.5)  # loss rising with k
+    f = F.fit_per_size(KS, y)
+    assert f["converged"]
+    assert f["A"] == pytest.approx(-0.25, rel=1e-6)
+    assert f["L_inf"] == pytest.approx(0.9, rel=1e-8)
+    assert f["b"] == pytest.approx(1.5, rel=1e-5)
+
+
+def test_per_size_too_few_points_not_converged():
+    f = F.fit_per_size([1, 2, 1, 2], [0.8, 0.7, 0.81, 0.69])
+    assert f["converged"] is False
+    assert "distinct k" in f["reason"]
+    assert math.isnan(f["L_inf"])
+    # k = 0 is excluded, leaving 2 distinct k
+    f = F.fit_per_size([0, 1, 2], [0.9, 0.8, 0.7])
+    assert f["converged"] is False and f["n_points"] == 2
+    # NaN losses are dropped, not fitted
+    f = F.fit_per_size([1, 2, 3, 4], [0.8, np.nan, np.nan, 0.7])
+    assert f["converged"] is False
+    assert np.all(np.isnan(F.predict_per_size(f, [1, 2])))
+
+
+def test_per_size_ignores_k0_and_uses_three_points_exactly():
+    # the paper's three-point forecast: k in {1, 2, 4} determines the law exactly
+    true = (0.7, 0.6, 2.0)
+    k = np.array([0, 1, 2, 4])
+    y = true[0] + true[1] / (k + true[2])
+    y[0] = 5.0  # base model value, must not influence the fit
+    f = F.fit_per_size(k, y)
+    assert f["converged"] and f["n_points"] == 3
+    assert (f["L_inf"], f["A"], f["b"]) == pytest.approx(true, rel=1e-6)
+
+
+def test_per_size_weights_options():
+    rng = np.random.default_rng(0)
+    y = law(TABLE3["code"], 1.5, KS) + rng.normal(0, 0.003, KS.size)
+    fk = F.fit_per_size(KS, y)
+    fk_arr = F.fit_per_size(KS, y, weights=KS.astype(float))
+    fnone = F.fit_per_size(KS, y, weights="none")
+    assert fk["L_inf"] == pytest.approx(fk_arr["L_inf"], rel=1e-9)
+    assert fk_arr["weights"] == "custom" and fnone["weights"] == "none"
+    assert fk["L_inf"] != pytest.approx(fnone["L_inf"], rel=1e-6)  # weights really change the fit
+    sem = np.full(KS.size, 0.01)
+    sem[-1] = 0.0  # one subset at k = M: falls back to the smallest positive sem
+    fs = F.fit_per_size(KS, y, weights="sem", sem=sem)
+    assert fs["converged"] and fs["weights"].startswith("sem")
+    # equal sems == unweighted
+    fs_eq = F.fit_per_size(KS, y, weights="sem", sem=np.full(KS.size, 0.02))
+    assert fs_eq["L_inf"] == pytest.approx(fnone["L_inf"], rel=1e-8)
+    fs0 = F.fit_per_size(KS, y, weights="sem", sem=np.zeros(KS.size))
+    assert fs0["converged"] and fs0["weights"].startswith("k")
+    assert fs0["L_inf"] == pytest.approx(fk["L_inf"], rel=1e-9)
+
+
+# ------------------------------------------------------------------ unified law
+
+
+@pytest.mark.parametrize("domain", sorted(TABLE3))
+def test_unified_recovers_table3_noise_free(domain):
+    p = TABLE3[domain]
+    N, K = grid()
+    y = law(p, N, K)
+    f = F.fit_unified(N, K, y)
+    assert f["converged"] and f["n_sizes"] == 7 and f["n_points"] == 63
+    Ls, B, beta, A0, gamma, b0 = p
+    assert f["L_star"] == pytest.approx(Ls, rel=1e-5)
+    assert f["B"] == pytest.approx(B, rel=1e-5)
+    assert f["beta"] == pytest.approx(beta, rel=1e-5)
+    assert f["A0"] == pytest.approx(A0, rel=1e-5)
+    assert f["gamma"] == pytest.approx(gamma, abs=1e-5)
+    assert f["b"] == pytest.approx(b0, abs=1e-5)
+    assert f["r2"] > 1 - 1e-10
+    np.testing.assert_allclose(F.predict_unified(f, N, K), y, rtol=1e-7)
+
+
+def test_unified_tiny_models_numerically_stable():
+    # mergelaws' own base models have N ~ 1e-4 .. 1e-2 billion parameters
+    sizes = np.array([2e-4, 6e-4, 1.5e-3, 4e-3, 1e-2])
+    N, K = [a.ravel() for a in np.meshgrid(sizes, KS, indexing="ij")]
+    K = K.astype(float)
+    for p in [(2.0, 0.05, 0.3, 0.4, 0.2, 0.5), (3.0, 0.001, 1.2, 0.002, 0.8, 2.0)]:
+        y = law(p, N, K)
+        f = F.fit_unified(N, K, y)
+        assert f["converged"]
+        got = [f[n] for n in ("L_star", "B", "beta", "A0", "gamma", "b")]
+        np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
+
+
+def test_unified_with_paper_level_noise_predicts_well():
+    """Noise on each mean: the paper's per-subset variance law (Table 6) averaged over
+    15 sampled subsets (Algorithm 1 / Fig 12 use P = 15).  The fit must denoise: its
+    predictions are closer to the truth than the noisy data and within 1.5% on average."""
+    N, K = grid()
+    for domain, p in TABLE3.items():
+        a0, g, b = TABLE6_VAR[domain]
+        sd = np.sqrt(a0 * N ** (-g) / (K + b) / 15)
+        y = law(p, N, K)
+        for seed in range(3):
+            e = np.random.default_rng(seed).normal(0.0, 1.0, y.size) * sd
+            f = F.fit_unified(N, K, y + e)
+            assert f["converged"]
+            pred = F.predict_unified(f, N, K)
+            rms_err = np.sqrt(np.mean((pred - y) ** 2))
+            rms_noise = np.sqrt(np.mean(e**2))
+            assert rms_err < 0.7 * rms_noise, (domain, seed)
+            assert np.sqrt(np.mean(((pred - y) / y) ** 2)) < 0.015, (domain, seed)
+            # floor at k -> infinity and tail amplitude at 32B
+            Linf = p[0] + p[1] * 32.0 ** (-p[2])
+            assert f["L_star"] + f["B"] * 32.0 ** (-f["beta"]) == pytest.approx(Linf, rel=0.05)
+
+
+def test_unified_extrapolates_to_72b_noise_free():
+    N, K = grid()
+    p = TABLE3["code"]
+    m = N < 72
+    f = F.fit_unified(N[m], K[m], law(p, N[m], K[m]))
+    np.testing.assert_allclose(F.predict_unified(f, 72.0, KS), law(p, 72.0, KS), rtol=1e-6)
+
+
+def test_unified_needs_three_sizes():
+    N, K = grid()
+    m = N <= 1.5
+    f = F.fit_unified(N[m], K[m], law(TABLE3["algebra"], N[m], K[m]))
+    assert f["converged"] is False and "sizes" in f["reason"]
+    assert np.all(np.isnan(F.predict_unified(f, 1.0, KS)))
+
+
+# ------------------------------------------------------------------ views
+
+
+def _hand_losses() -> pd.DataFrame:
+    """One size, one method, domains a, b, c; losses chosen by hand."""
+    L = {  # subset members -> {eval_domain: loss}
+        (): {"a": 1.00, "b": 2.00, "c": 3.00},
+        ("a",): {"a": 0.50, "b": 1.90, "c": 2.90},
+        ("b",): {"a": 0.90, "b": 1.20, "c": 2.80},
+        ("a", "b"): {"a": 0.60, "b": 1.30, "c": 2.70},
+        ("a", "b", "c"): {"a": 0.70, "b": 1.40, "c": 2.00},
+    }
+    rows = []
+    for members, per in L.items():
+        for d, loss in per.items():
+            rows.append({
+                "size": "xs", "params": 1_000_000, "method": "avg", "k": len(members),
+                "subset": "base" if not members else "-".join(members),
+                "members": "+".join(members), "eval_domain": d, "in_domain": d in members,
+                "loss": loss, "tokens": 1000,
+            })
+    return pd.DataFrame(rows)
+
+
+def test_view_table_hand_computed():
+    t = F.view_table(_hand_losses())
+    assert list(t.columns) == ["size", "params", "method", "view", "k", "mean", "std", "var",
+                               "sem", "n_subsets"]
+
+    def row(view, k):
+        r = t[(t["view"] == view) & (t["k"] == k)]
+        assert len(r) == 1, (view, k)
+        return r.iloc[0]
+
+    # in_domain: k=1 subsets {a}: 0.50, {b}: 1.20 ; k=2 {a,b}: (0.60+1.30)/2 ; k=3: (0.7+1.4+2.0)/3
+    r = row("in_domain", 1)
+    assert r["mean"] == pytest.approx((0.50 + 1.20) / 2)
+    assert r["std"] == pytest.approx(math.sqrt(((0.50 - 0.85) ** 2 + (1.20 - 0.85) ** 2) / 1))
+    assert r["var"] == pytest.approx(0.245)
+    assert r["sem"] == pytest.approx(math.sqrt(0.245) / math.sqrt(2))
+    assert r["n_subsets"] == 2
+    assert row("in_domain", 2)["mean"] == pytest.approx(0.95)
+    assert row("in_domain", 2)["std"] == 0.0  # one subset: NaN -> 0
+    assert row("in_domain", 3)["mean"] == pytest.approx(4.1 / 3)
+    assert t[(t["view"] == "in_domain") & (t["k"] == 0)].empty
+
+    # cross_domain: macro mean over all three domains, k=0 included
+    assert row("cross_domain", 0)["mean"] == pytest.approx(2.0)
+    assert row("cross_domain", 1)["mean"] == pytest.approx(((0.5 + 1.9 + 2.9) / 3 + (0.9 + 1.2 + 2.8) / 3) / 2)
+    assert row("cross_domain", 2)["mean"] == pytest.approx((0.6 + 1.3 + 2.7) / 3)
+
+    # held_out: domains not merged; k = M has none
+    assert row("held_out", 0)["mean"] == pytest.approx(2.0)
+    assert row("held_out", 1)["mean"] == pytest.approx(((1.9 + 2.9) / 2 + (0.9 + 2.8) / 2) / 2)
+    assert row("held_out", 2)["mean"] == pytest.approx(2.7)
+    assert t[(t["view"] == "held_out") & (t["k"] == 3)].empty
+
+    # domain:<name>: every subset
+    assert row("domain:c", 1)["mean"] == pytest.approx((2.9 + 2.8) / 2)
+    assert row("domain:a", 0)["mean"] == pytest.approx(1.0)
+    assert row("domain:b", 3)["mean"] == pytest.approx(1.4)
+    assert set(t["view"]) == {"in_domain", "cross_domain", "held_out", "domain:a", "domain:b",
+                              "domain:c"}
+
+
+def test_view_table_from_csv_and_sorted(tmp_path):
+    df = _hand_losses()
+    p = tmp_path / "losses.csv"
+    df.sample(frac=1.0, random_state=3).to_csv(p, index=False)  # shuffled; "" members -> NaN
+    t1 = F.view_table(pd.read_csv(p), ["cross_domain", "in_domain"])
+    t2 = F.view_table(df, ["cross_domain", "in_domain"])
+    pd.testing.assert_frame_equal(t1, t2)
+    assert list(t2["view"].unique()) == ["cross_domain", "in_domain"]
+    assert t2.groupby("view")["k"].apply(lambda s: s.is_monotonic_increasing).all()
+
+
+def test_view_table_in_domain_column_derived_when_missing():
+    df = _hand_losses()
+    t1 = F.view_table(df, ["in_domain", "held_out"])
+    t2 = F.view_table(df.drop(columns=["in_domain"]), ["in_domain", "held_out"])
+    pd.testing.assert_frame_equal(t1, t2)
+
+
+def test_view_table_unknown_view_raises():
+    with pytest.raises(ValueError):
+        F.view_table(_hand_losses(), ["bogus"])
+
+
+# ------------------------------------------------------------------ fit_all
+
+
+DOMAINS = ["algebra", "biology", "chemistry", "code"]
+
+
+def synthetic_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0)),
+                     methods=("avg", "ta"), c=0.05) -> pd.DataFrame:
+    """All subsets of a 4-domain pool.  loss(S, e) = law_e(N, k) + c*(1[e in S] - k/M):
+    the perturbation averages to zero over the k-subsets for each domain and over the
+    domains for each subset, so domain:<e> and cross_domain means follow the laws exactly."""
+    M = len(DOMAINS)
+    rows = []
+    for mi, method in enumerate(methods):
+        for size, N in sizes:
+            for k in range(0, M + 1):
+                for S in itertools.combinations(DOMAINS, k):
+                    for e in DOMAINS:
+                        p = list(TABLE3[e])
+                        p[3] *= 1.0 + 0.2 * mi  # methods differ in tail amplitude
+                        if k == 0:
+                            # base model: the same for every method, not on the law
+                            loss = law(TABLE3[e], N, 1.0) + 0.1
+                        else:
+                            loss = law(p, N, k) + c * ((e in S) - k / M)
+                        rows.append({
+                            "size": size, "params": int(N * 1e9), "method": method, "k": k,
+                            "subset": "base" if k == 0 else "+".join(S), "members": "+".join(S),
+                            "eval_domain": e, "in_domain": e in S, "loss": loss, "tokens": 10,
+                        })
+    return pd.DataFrame(rows)
+
+
+def test_fit_all_recovers_domain_view_and_is_deterministic():
+    losses = synthetic_losses()
+    views = ("in_domain", "cross_domain", "domain:code")
+    a = F.fit_all(losses, views=views)
+    b = F.fit_all(losses.sample(frac=1.0, random_state=1), views=views)
+    assert a == b
+    json.dumps(a, allow_nan=False)  # strict JSON
+    assert set(a) == {"per_size", "unified", "settings"}
+    # 2 methods x 3 views x 4 sizes
+    assert len(a["per_size"]) == 24 and len(a["unified"]) == 6
+    # domain:code follows the law exactly (k = 1..4 only: 4 points, 3 parameters)
+    p = list(TABLE3["code"])
+    for f in a["per_size"]:
+        if f["view"] != "domain:code" or f["method"] != "avg":
+            continue
+        N = f["N"]
+        assert f["converged"]
+        assert f["k_fitted"] == [1, 2, 3, 4]
+        assert f["L_inf"] == pytest.approx(p[0] + p[1] * N ** (-p[2]), rel=1e-5)
+        assert f["A"] == pytest.approx(p[3] * N ** (-p[4]), rel=1e-4)
+    u = next(f for f in a["unified"] if f["view"] == "domain:code" and f["method"] == "ta")
+    assert u["converged"] and u["sizes"] == ["s", "m", "l", "xl"]
+    assert u["A0"] == pytest.approx(p[3] * 1.2, rel=1e-4)
+    assert u["beta"] == pytest.approx(p[2], rel=1e-4)
+
+
+def test_fit_all_cross_domain_is_macro_mean_of_laws():
+    losses = synthetic_losses(methods=("avg",))
+    fits = F.fit_all(losses, views=("cross_domain",))
+    table = F.view_table(losses, ["cross_domain"])
+    for f in fits["per_size"]:
+        N = f["N"]
+        truth = np.mean([law(TABLE3[e], N, np.arange(1, 5)) for e in DOMAINS], axis=0)
+        got = table[(table["size"] == f["size"]) & (table["k"] >= 1)]["mean"].to_numpy()
+        np.testing.assert_allclose(got, truth, rtol=1e-12)
+        # a mean of 4 laws with different b is not exactly one law, but very close
+        np.testing.assert_allclose(F.predict_per_size(f, np.arange(1, 5)), truth, rtol=2e-3)
+
+
+def test_fit_all_summary_and_sem_weights():
+    losses = synthetic_losses(sizes=(("s", 0.5), ("m", 3.0)), methods=("avg",))
+    fits = F.fit_all(losses, views=("in_domain",), weights="sem")
+    assert fits["settings"]["weights"] == "sem"
+    # only two sizes: the unified fit is reported as not converged, not raised
+    assert len(fits["unified"]) == 1 and fits["unified"][0]["converged"] is False
+    assert fits["unified"][0]["reason"]
+    s = F.summary_frame(fits)
+    assert len(s) == 3
+    assert list(s["size"]) == ["s", "m", "all"]
+    assert s["converged"].tolist() == [True, True, False]
+    assert s.loc[s["size"] == "s", "L_inf"].notna().all()
+    with pytest.raises(ValueError):
+        F.fit_all(losses, weights="bogus")
+
+
+def test_base_only_method_is_shared():
+    losses = synthetic_losses(sizes=(("s", 0.5),), methods=("avg", "ta"))
+    base = losses[losses["k"] == 0]
+    merged = losses[losses["k"] > 0]
+    relabelled = pd.concat([merged, base[base["method"] == "avg"].assign(method="base")])
+    t1 = F.view_table(losses, ["cross_domain"])
+    t2 = F.view_table(relabelled, ["cross_domain"])
+    pd.testing.assert_frame_equal(t1, t2)
