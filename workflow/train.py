@@ -49,13 +49,14 @@ def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, warmu
         with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
             loss, _ = target_nll(model, ids, att, lab, reduction="mean")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}; lower the learning rate")
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss_value)
         prog.update(loss=losses[-1])
     prog.close()
     model.eval()

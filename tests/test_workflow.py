@@ -1,0 +1,126 @@
+"""End to end: the real Snakefile on a micro config (a few minutes), then reruns."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mergelaws import grid
+
+pytestmark = pytest.mark.slow
+
+DOMAINS = ["code", "scripture", "quotes", "arithmetic"]
+
+
+def micro_config(root: Path, results: Path) -> dict:
+    d = root / "data" / "domains"
+    return {
+        "results": str(results),
+        "seed": 3,
+        "domains": {n: {"train": str(d / n / "train.jsonl.gz"), "eval": str(d / n / "eval.jsonl.gz")}
+                    for n in DOMAINS},
+        "tokenizer": {"vocab_size": 512},
+        "bases": {
+            # pretrained here by rules tokenizer + pretrain (exercises that path)
+            "nano": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+            "xs": {"model": str(root / "data" / "bases" / "xs")},
+            "s": {"model": str(root / "data" / "bases" / "s")},
+        },
+        "pretrain": {"steps": 40, "batch_size": 8, "seq_len": 64},
+        "train": {"steps": 8, "batch_size": 4, "max_len": 64, "device": "cpu"},
+        "methods": {"average": {}, "ties": {"density": 0.5}},
+        "sweep": {"k": "all", "subsets_per_k": 3, "device": "cpu"},
+        "eval": {"max_examples": 6, "max_len": 64},
+        "resources": {"default": {"threads": 1}},
+    }
+
+
+def snakemake(root: Path, workdir: Path, cfgfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(cfgfile), "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, root):
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = micro_config(root, work / "results")
+    cfgfile = work / "micro.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(root, work, cfgfile)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, work, cfgfile, cfg
+
+
+def test_losses_table(run):
+    root, work, cfgfile, cfg = run
+    from mergelaws import config
+
+    full = config.validate(yaml.safe_load(cfgfile.read_text()))
+    losses = pd.read_parquet(work / "results" / "losses.parquet")
+    csv = pd.read_csv(work / "results" / "losses.csv")
+    assert len(csv) == len(losses)
+    for col in ["size", "params", "method", "k", "subset", "members", "eval_domain", "in_domain", "loss", "tokens"]:
+        assert col in losses.columns
+    subsets = grid.subsets(full)
+    assert len(losses) == 3 * 2 * len(subsets) * len(DOMAINS)
+    assert losses["loss"].notna().all() and (losses["loss"] > 0).all()
+    # in_domain is exactly "eval domain among the members"
+    members = losses["members"].fillna("").str.split("+")
+    assert (losses["in_domain"] == [d in m for d, m in zip(losses["eval_domain"], members)]).all()
+    # the base rows (k = 0) are the same model for every method
+    base = losses[losses.k == 0].pivot_table(index=["size", "eval_domain"], columns="method", values="loss")
+    assert (base["average"] == base["ties"]).all()
+    # parameter counts grow with the size labels as declared
+    params = losses.groupby("size")["params"].first()
+    assert params["nano"] < params["xs"] < params["s"]
+    # a single expert evaluated on its own domain beats the base there
+    k1 = losses[(losses.k == 1) & losses.in_domain & (losses.method == "average")]
+    b = losses[(losses.k == 0) & (losses.method == "average")].set_index(["size", "eval_domain"])["loss"]
+    better = [row.loss < b[(row.size, row.eval_domain)] for row in k1.itertuples()]
+    assert sum(better) >= 0.75 * len(better)
+
+
+def test_fits_and_figures(run):
+    root, work, cfgfile, cfg = run
+    import json
+
+    fits = json.loads((work / "results" / "fits" / "fits.json").read_text())
+    per = fits["per_size"]
+    keys = {(f["size"], f["method"], f["view"]) for f in per}
+    for size in cfg["bases"]:
+        for method in cfg["methods"]:
+            assert (size, method, "cross_domain") in keys
+    assert all(f["converged"] for f in per if f["view"] == "cross_domain")
+    assert all(0 <= f["r2"] <= 1 for f in per if f["converged"])
+    assert {u["method"] for u in fits["unified"]} == set(cfg["methods"])
+    summary = pd.read_csv(work / "results" / "fits" / "summary.csv")
+    assert {"size", "method", "view", "r2"} <= set(summary.columns)
+    for kind in ("loss_vs_k", "variance_vs_k"):
+        for view in ("in_domain", "cross_domain"):
+            for ext in ("png", "pdf"):
+                assert (work / "results" / "figures" / f"{kind}_{view}.{ext}").stat().st_size > 1000
+
+
+def test_rerun_is_noop_and_deleting_an_expert_reruns_only_dependents(run):
+    root, work, cfgfile, cfg = run
+    import shutil
+
+    proc = snakemake(root, work, cfgfile, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    shutil.rmtree(work / "results" / "experts" / "xs" / "quotes")
+    proc = snakemake(root, work, cfgfile, "-n", "--quiet", "rules")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts.get("train") == 1
+    assert counts.get("sweep") == 2  # the two methods of size xs only
+    assert counts.get("pretrain") is None and counts.get("tokenizer") is None
