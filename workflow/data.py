@@ -124,10 +124,6 @@ def encode_plain(tokenizer, texts, max_len: int) -> list[Example]:
     return out
 
 
-def pair_text(prompt: str, response: str) -> str:
-    return USER + prompt + ASSISTANT + response
-
-
 def load_domain(cfg: dict, domain: str, split: str, tokenizer, max_len: int,
                 limit: int | None = None) -> Encoded:
     spec = cfg["domains"][domain]

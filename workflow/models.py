@@ -25,6 +25,7 @@ def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars would flood job logs
 
 
 # ---- tokenizer -----------------------------------------------------------------------------

@@ -64,12 +64,18 @@ def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, warmu
 
 
 def mixture_texts(cfg: dict, limit_per_domain: int | None = None) -> list[str]:
-    """The general pretraining mixture: every domain's train split as plain text, interleaved."""
+    """The general pretraining mixture: every domain's train split as plain text, interleaved.
+
+    Plain text (prompt, newline, response), without the prompt/response template: the bases
+    are general language models, and learning to answer in the template is part of what every
+    expert's fine-tuning adds (a direction shared by all task vectors, as in the paper, whose
+    experts all learn one teacher's response style).
+    """
     per = []
     for d in grid.domains(cfg):
         spec = cfg["domains"][d]
         pairs = D.read_pairs(spec["train"], spec["prompt_field"], spec["response_field"], limit=limit_per_domain)
-        per.append([D.pair_text(p, r) for p, r in pairs])
+        per.append([f"{p}\n{r}" for p, r in pairs])
     out = []
     for i in range(max(len(p) for p in per)):
         out.extend(p[i] for p in per if i < len(p))
