@@ -26,6 +26,9 @@ include: "rules/fit.smk"
 
 rule all:
     input:
+        # experts are products too: listing them here means a deleted expert is retrained
+        # (and everything downstream of it redone), not silently skipped as an intermediate
+        EXPERTS,
         LOSSES,
         FITS,
         FIGURES,

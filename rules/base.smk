@@ -1,11 +1,12 @@
 # Tiny bases: the tokenizer and pretraining on the general mixture. The embedded default
-# ships their outputs in data/; these rules reproduce them (`snakemake results/bases/xs`).
+# ships their outputs in data/; these rules reproduce them (`snakemake results/bases/xs/config.json`).
 
 
 rule tokenizer:
     output:
         directory(f"{RESULTS}/tokenizer"),
     params:
+        config=RESOLVED,
         tokenizer=CFG["tokenizer"],
         domains=CFG["domains"],
     log:
@@ -13,17 +14,19 @@ rule tokenizer:
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws tokenizer --config {RESOLVED} --out {output} 2>&1 | tee {log}"
+        "mergelaws tokenizer --config {params.config} --out {output} 2>&1 | tee {log}"
 
 
 rule pretrain:
     input:
         rules.tokenizer.output,
     output:
-        directory(f"{RESULTS}/bases/{{size}}"),
+        config=f"{RESULTS}/bases/{{size}}/config.json",
     params:
+        config=RESOLVED,
+        out=lambda wc, output: os.path.dirname(output.config),
         spec=lambda wc: CFG["bases"][wc.size],
-        pretrain=CFG["pretrain"],
+        pretrain=lambda wc: {**CFG["pretrain"], **CFG["bases"][wc.size].get("pretrain", {})},
     threads: threads_for("pretrain")
     resources:
         mem_mb=res("pretrain", "mem_mb", 4000),
@@ -34,5 +37,5 @@ rule pretrain:
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws pretrain --config {RESOLVED} --size {wildcards.size} --tokenizer {input} "
-        "--out {output} --threads {threads} 2>&1 | tee {log}"
+        "mergelaws pretrain --config {params.config} --size {wildcards.size} --tokenizer {input} "
+        "--out {params.out} --threads {threads} 2>&1 | tee {log}"

@@ -1,5 +1,6 @@
 # Input functions, wildcard constraints and resources; the logic lives in mergelaws.grid.
 import copy
+import os
 import re
 
 import yaml
@@ -29,7 +30,7 @@ def _write_resolved():
     path = Path(RESOLVED)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
 
@@ -47,6 +48,7 @@ wildcard_constraints:
     method=_alternation(METHODS),
 
 
+EXPERTS = [f"{grid.expert_dir(CFG, s, d)}/config.json" for s in SIZES for d in DOMAINS]
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
 FIGURES = [

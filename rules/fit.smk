@@ -7,14 +7,15 @@ rule fit:
     output:
         FITS,
     params:
+        config=RESOLVED,
         fit=CFG["fit"],
-        out=f"{RESULTS}/fits",
+        out=lambda wc, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/fit.log",
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws fit {input} --config {RESOLVED} --out {params.out} 2>&1 | tee {log}"
+        "mergelaws fit {input} --config {params.config} --out {params.out} 2>&1 | tee {log}"
 
 
 rule figures:
@@ -24,11 +25,12 @@ rule figures:
     output:
         FIGURES,
     params:
-        out=f"{RESULTS}/figures",
+        config=RESOLVED,
+        out=lambda wc, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/figures.log",
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws figures --config {RESOLVED} --losses {input.losses} --fits {input.fits} "
+        "mergelaws figures --config {params.config} --losses {input.losses} --fits {input.fits} "
         "--out {params.out} 2>&1 | tee {log}"

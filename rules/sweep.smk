@@ -9,6 +9,7 @@ rule sweep:
     output:
         f"{RESULTS}/sweeps/{{size}}/{{method}}.parquet",
     params:
+        config=RESOLVED,
         method=lambda wc: CFG["methods"][wc.method],
         sweep=CFG["sweep"],
         evaluation=CFG["eval"],
@@ -23,7 +24,7 @@ rule sweep:
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws sweep --config {RESOLVED} --size {wildcards.size} --method {wildcards.method} "
+        "mergelaws sweep --config {params.config} --size {wildcards.size} --method {wildcards.method} "
         "--out {output} --threads {threads} 2>&1 | tee {log}"
 
 

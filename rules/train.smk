@@ -7,7 +7,8 @@ rule train:
     output:
         config=f"{RESULTS}/experts/{{size}}/{{domain}}/config.json",
     params:
-        out=lambda wc: grid.expert_dir(CFG, wc.size, wc.domain),
+        config=RESOLVED,
+        out=lambda wc, output: os.path.dirname(output.config),
         train=CFG["train"],
         data=lambda wc: CFG["domains"][wc.domain],
         base=lambda wc: grid.base_dir(CFG, wc.size),
@@ -21,5 +22,5 @@ rule train:
     conda:
         "../envs/mergelaws.yaml"
     shell:
-        "mergelaws train --config {RESOLVED} --size {wildcards.size} --domain {wildcards.domain} "
+        "mergelaws train --config {params.config} --size {wildcards.size} --domain {wildcards.domain} "
         "--out {params.out} --threads {threads} 2>&1 | tee {log}"

@@ -30,7 +30,7 @@ def micro_config(root: Path, results: Path) -> dict:
             "s": {"model": str(root / "data" / "bases" / "s")},
         },
         "pretrain": {"steps": 40, "batch_size": 8, "seq_len": 64},
-        "train": {"steps": 8, "batch_size": 4, "max_len": 64, "device": "cpu"},
+        "train": {"steps": 20, "batch_size": 4, "max_len": 64, "device": "cpu"},
         "methods": {"average": {}, "ties": {"density": 0.5}},
         "sweep": {"k": "all", "subsets_per_k": 3, "device": "cpu"},
         "eval": {"max_examples": 6, "max_len": 64},

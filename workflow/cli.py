@@ -113,6 +113,12 @@ def cmd_figures(args) -> None:
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
 
 
+def cmd_schema(args) -> None:
+    from mergelaws import config
+
+    print(f"method parameters regenerated from the registry -> {config.regenerate_method_defs()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mergelaws", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return p
 
     add("validate", cmd_validate, "validate a config and print the grid's size")
+    add("schema", cmd_schema, "regenerate the config schema's method parameters from the registry", config=False)
     add("subsets", cmd_subsets, "list the merged subsets (k, id, members)")
     p = add("tokenizer", cmd_tokenizer, "train the byte-level BPE tokenizer on the domains' train splits")
     p.add_argument("--out", required=True)

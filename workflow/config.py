@@ -28,6 +28,24 @@ def schema_path() -> Path:
     return Path(str(resources.files("mergelaws.schemas").joinpath(SCHEMA_FILE)))
 
 
+METHOD_DEFS_HEADER = "  # Method parameters: must equal mergelaws.merge.params_json_schema(<name>)"
+
+
+def regenerate_method_defs() -> Path:
+    """Rewrite the schema's method_* definitions from the merge registry (`mergelaws schema`)."""
+    from mergelaws import merge
+
+    path = schema_path()
+    text = path.read_text()
+    head = text[: text.index(METHOD_DEFS_HEADER)]
+    defs = {f"method_{n}": merge.params_json_schema(n) for n in merge.method_names()}
+    body = yaml.safe_dump(defs, sort_keys=False, width=100)
+    body = "\n".join("  " + line if line else line for line in body.splitlines())
+    path.write_text(f"{head}{METHOD_DEFS_HEADER}\n  # (regenerate with `mergelaws schema`; tests/test_config.py checks).\n{body}\n")
+    schema.cache_clear()
+    return path
+
+
 def _with_defaults(validator_class):
     """A validator that fills in `default` values (as snakemake.utils.validate does)."""
     validate_properties = validator_class.VALIDATORS["properties"]

@@ -346,10 +346,11 @@ def _disjoint_mean(trimmed: Tensor, elected: Tensor) -> Tensor:
     "ties",
     params=[
         Param(
-            "density", float, 0.2,
-            "fraction of entries KEPT per model by |v| (trim step). 0.2 = the official "
-            "code's default mask_rate 0.8; Table 1 says 'd = 1.0' (no trimming) - the "
-            "paper conflicts with itself, so set density: 1.0 for that reading. "
+            "density", float, 1.0,
+            "fraction of entries KEPT per model by |v| (trim step). Default 1.0 = the "
+            "paper's Table 1 ('d = 1.0': no trimming, so TIES is sign election + "
+            "disjoint mean); 0.2 = the official code's default mask_rate 0.8 (keep the "
+            "top 20%). "
             "Count kept = round-half-up(density * numel), at least 1, ties at the "
             "threshold broken by lowest flat index (the code keeps all ties and "
             "numel - floor(0.8 numel) + 1 entries, one more)",
@@ -378,9 +379,9 @@ def _disjoint_mean(trimmed: Tensor, elected: Tensor) -> Tensor:
     ],
     doc="TIES: trim each v_i to its top-density entries by |v|, elect the sign "
     "sign(sum_i trimmed_i), take the disjoint mean of the entries agreeing with "
-    "it (count clamped >= 1), multiply by scale. Defaults = the official code "
-    "(per-tensor trim keeping 20%, zero sign -> +1, scale 1). Table 1's "
-    "'d = 1.0' conflicts with the code's density 0.2 (see density).",
+    "it (count clamped >= 1), multiply by scale. Defaults = the paper's Table 1 "
+    "(d = 1.0, scale 1) with the official code's per-tensor trim scope and zero "
+    "sign -> +1; the code's own default density is 0.2 (see density).",
 )
 def _ties(
     deltas: Tensor,

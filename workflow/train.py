@@ -88,7 +88,8 @@ def build_tokenizer(cfg: dict, out: str | Path):
 
 def pretrain(cfg: dict, size: str, out: str | Path, tokenizer_path: str | Path, device: str = "cpu") -> dict:
     """Pretrain a tiny base of ``size`` on the general mixture; deterministic for a given config."""
-    spec, p = cfg["bases"][size], cfg["pretrain"]
+    spec = cfg["bases"][size]
+    p = {**cfg["pretrain"], **spec.get("pretrain", {})}
     tok = models.load_tokenizer(tokenizer_path)
     model = models.init_model(models.tiny_config(spec, tok), seed=p["seed"]).to(device)
     examples = D.encode_plain(tok, mixture_texts(cfg), p["seq_len"])
