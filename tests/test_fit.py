@@ -386,3 +386,21 @@ def test_base_only_method_is_shared():
     t1 = F.view_table(losses, ["cross_domain"])
     t2 = F.view_table(relabelled, ["cross_domain"])
     pd.testing.assert_frame_equal(t1, t2)
+
+
+def test_unified_floor_linear_in_logN_stays_nonnegative():
+    """Three tiny sizes whose floor falls linearly in log N (as on the embedded default):
+    unconstrained, beta -> 0 with L* = -B -> -inf; the fit must keep L*, B >= 0 and say so."""
+    from mergelaws import fit as F
+
+    N = np.repeat([1.5e-4, 5.3e-4, 1.7e-3], 9)
+    k = np.tile(np.arange(1, 10), 3)
+    floor = 4.2 - 0.33 * np.log(N / 1.5e-4) / np.log(3.4)
+    y = floor + 0.3 / (k + 0.2)
+    out = F.fit_unified(N, k, y)
+    assert out["converged"]
+    assert out["L_star"] >= 0 and out["B"] >= 0
+    assert abs(out["L_star"]) < 1e3 and abs(out["B"]) < 1e3
+    assert out["r2"] > 0.99
+    if out["L_star"] == 0:
+        assert "L_star" in out["at_bound"]

@@ -235,6 +235,30 @@ def _wlstsq(X: np.ndarray, y: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, n
     return coef, sw * (y - X @ coef)
 
 
+def _wlstsq_nonneg(X: np.ndarray, y: np.ndarray, sw: np.ndarray,
+                   nonneg: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares with the coefficients in ``nonneg`` constrained to be >= 0.
+
+    Exact by enumerating the active sets (there are at most 2**len(nonneg) of them): the
+    best feasible solution among "unconstrained with these coefficients fixed at 0".
+    """
+    best = None
+    n = X.shape[1]
+    for mask in range(2 ** len(nonneg)):
+        fixed = [nonneg[i] for i in range(len(nonneg)) if mask >> i & 1]
+        free = [j for j in range(n) if j not in fixed]
+        coef = np.zeros(n)
+        if free:
+            coef[free], _ = _wlstsq(X[:, free], y, sw)
+        if any(coef[j] < 0 for j in nonneg):
+            continue
+        r = sw * (y - X @ coef)
+        ss = float(r @ r)
+        if best is None or ss < best[0]:
+            best = (ss, coef, r)
+    return best[1], best[2]
+
+
 def _r2(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> float:
     if w is None:
         w = np.ones_like(y)
@@ -488,9 +512,12 @@ def fit_unified(
     bs = np.unique(np.concatenate([bs, [lo[2], hi[2]]]))
     grid = _grid_ss_batched(logN, kk, yy, sw, betas, gammas, bs)
 
+    # L* >= 0 and B >= 0: a loss floor is not negative, and a floor that falls with N has
+    # B >= 0. Without this, a floor that is nearly linear in log N drives beta -> 0 with
+    # L* = -B -> -inf (the degenerate limit B N^-beta ~ B - B beta log N).
     def resid(theta: np.ndarray) -> np.ndarray:
         X = _unified_design(logN, kk, *theta)
-        return _wlstsq(X, yy, sw)[1]
+        return _wlstsq_nonneg(X, yy, sw, (0, 1))[1]
 
     flat = np.argsort(grid, axis=None, kind="stable")
     starts: list[np.ndarray] = []
@@ -503,6 +530,11 @@ def fit_unified(
         starts.append(th)
         if len(starts) >= n_starts:
             break
+    # the grid ranks by the unconstrained fit; add fixed interior starts so the constrained
+    # refinement is not only started from degenerate corners
+    for beta0 in (0.1, 0.3, 0.6, 1.0):
+        for gamma0 in (0.05, 0.3):
+            starts.append(np.clip(np.array([beta0, gamma0, 0.5]), lo, hi))
 
     best = None
     for th0 in starts:
@@ -521,7 +553,7 @@ def fit_unified(
             best = (np.clip(th, lo, hi), cost, status, nfev)
     theta, cost, status, nfev = best
     X = _unified_design(logN, kk, *theta)
-    coef, _ = _wlstsq(X, yy, sw)
+    coef, _ = _wlstsq_nonneg(X, yy, sw, (0, 1))
     pred = X @ coef
     r = yy - pred
     vals = [float(v) for v in theta]
@@ -531,7 +563,8 @@ def fit_unified(
         r2=_r2(yy, pred), r2_weighted=_r2(yy, pred, w),
         rmse=float(np.sqrt(np.mean(r**2))),
         converged=bool(np.all(np.isfinite(coef)) and np.all(np.isfinite(theta)) and status != -1),
-        at_bound=_at_bound(names, vals, [tuple(bnds[n]) for n in names]),
+        at_bound=_at_bound(names, vals, [tuple(bnds[n]) for n in names])
+        + [n for n, c in (("L_star", coef[0]), ("B", coef[1])) if c == 0.0],
         optimizer={"status": status, "nfev": nfev, "cost": float(cost), "n_starts": len(starts)},
     )
     if not out["converged"]:
