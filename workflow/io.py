@@ -19,6 +19,8 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
+    for stale in path.parent.glob(f"{prefix}*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
     else:

@@ -122,11 +122,19 @@ def check_model_dir(path: str | Path) -> None:
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype), use_safetensors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype), use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        if not Path(path).is_dir():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model directory {path} could not be loaded ({first}); its weights are truncated or "
+                         f"corrupt: copy it again or delete it so the workflow rebuilds it") from None
     return model.to(resolve_device(device))
 
 
