@@ -14,10 +14,14 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+# common.smk validates first, with messages naming the key and what is allowed; then
+# Snakemake's own validation against the same schema (which also fills the defaults).
+include: "rules/common.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
-include: "rules/common.smk"
 include: "rules/base.smk"
 include: "rules/train.smk"
 include: "rules/sweep.smk"

@@ -10,6 +10,8 @@ from mergelaws import config as mlconfig
 from mergelaws import grid
 
 try:
+    for _path in workflow.configfiles:  # duplicate keys are lost by the YAML parser: refuse them
+        mlconfig.read_yaml(_path)
     CFG = mlconfig.validate(copy.deepcopy(config))
 except mlconfig.ConfigError as exc:
     raise WorkflowError(str(exc))

@@ -77,3 +77,29 @@ def test_cli_reports_config_error(tmp_path, default_cfg_raw, capsys):
     assert cli.main(["validate", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "sweep.subsets_per_k" in err
+
+
+def test_duplicate_domain_is_refused(tmp_path, root):
+    text = (root / "config.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("quotes:"))
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text.replace(line, line + "\n" + line))
+    with pytest.raises(config.ConfigError, match=r"dup.yaml: line \d+: key 'quotes' appears twice"):
+        config.load(bad)
+
+
+def test_snakefile_refuses_bad_config_with_the_message(tmp_path, root, default_cfg_raw):
+    import subprocess
+    import sys
+
+    import yaml
+
+    bad = copy.deepcopy(default_cfg_raw)
+    bad["methods"]["ties"] = {"density": 0}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-n",
+                           "--directory", str(tmp_path), "--configfile", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "density" in proc.stdout + proc.stderr

@@ -159,3 +159,51 @@ def test_killed_training_leaves_no_complete_looking_expert(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert not list(out.parent.glob(".killed.tmp-*"))
+
+
+# ---- numerics: a merge with NaN weights is recorded as failed and poisons nothing ----------
+
+def test_nonfinite_merge_is_recorded_and_excluded(trained, tmp_path):
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from mergelaws import config, fit, grid
+    from mergelaws.sweep import run_sweep
+
+    work, cfgfile = trained
+    cfg = config.load(cfgfile)
+    experts = {d: grid.expert_dir(cfg, "xs", d) for d in DOMAINS}
+    poisoned = tmp_path / "quotes"
+    shutil.copytree(experts["quotes"], poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    experts["quotes"] = str(poisoned)
+    logs = []
+    table = run_sweep(cfg, "xs", "dare", tmp_path / "nan.parquet", expert_dirs=experts, log=logs.append)
+    failed = table[table["status"] != "ok"]
+    assert set(failed["subset"]) == {s.id for s in grid.subsets(cfg) if "quotes" in s.members}
+    assert failed["loss"].isna().all()
+    assert any("non-finite weights" in line and "quotes" in line for line in logs)
+    with pytest.warns(UserWarning, match="dropping .* failed merge"):
+        views = fit.view_table(table, ["cross_domain"])
+    assert np.isfinite(views["mean"]).all()
+    k1 = views[views.k == 1]
+    assert int(k1["n_subsets"].iloc[0]) == 2  # code and algebra; the quotes expert failed
+
+
+def test_same_config_and_seed_train_the_same_expert(trained):
+    import torch
+    from safetensors.torch import load_file
+
+    work, cfgfile = trained
+    again = work / "again"
+    proc = _cli("train", "--config", str(cfgfile), "--size", "xs", "--domain", "algebra", "--out", str(again),
+                "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = load_file(work / "results" / "experts" / "xs" / "algebra" / "model.safetensors")
+    b = load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

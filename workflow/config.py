@@ -130,17 +130,44 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(f"methods.{name}: {exc}") from None
 
 
-def load(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read a YAML config file, apply overrides (dotted keys), validate and fill defaults."""
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _strict_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
+                              f"mapping (first on line {seen[key]}); every key, domain and size must be unique")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse a config file strictly (duplicate keys are errors), naming the file in errors."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; pass the path of your config.yaml")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping of keys at the top level")
+    return cfg
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply overrides (dotted keys), validate and fill defaults."""
+    path = Path(path)
+    cfg = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = cfg
         *parents, last = dotted.split(".")

@@ -27,6 +27,7 @@ merged subset and eval domain) into one number per (size, method, subset);
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -109,6 +110,16 @@ def _normalise_losses(losses: pd.DataFrame) -> pd.DataFrame:
     df["params"] = df["params"].astype("int64")
     df["k"] = df["k"].astype("int64")
     df["loss"] = df["loss"].astype(float)
+    # A failed merge (non-finite weights or loss) is dropped whole, so that it poisons neither
+    # the macro means of its subset nor the means across subsets.
+    bad = ~np.isfinite(df["loss"].to_numpy())
+    if bad.any():
+        keys = ["size", "method", "subset"]
+        failed = df.loc[bad, keys].drop_duplicates()
+        warnings.warn(f"dropping {len(failed)} failed merge(s) with non-finite loss: "
+                      + ", ".join(f"{r.size}/{r.method}/{r.subset}" for r in failed.itertuples()), stacklevel=3)
+        df = df.merge(failed.assign(_failed=True), on=keys, how="left")
+        df = df[df["_failed"].isna()].drop(columns="_failed")
     if "in_domain" in df.columns:
         col = df["in_domain"]
         if col.dtype == object:  # e.g. CSV strings

@@ -442,6 +442,292 @@ def _dare(deltas: Tensor, *, drop_rate: float, rescale: str, scale: float, seed:
 
 
 # --------------------------------------------------------------------------
+# Extra methods (mergekit-style): dare_ties, breadcrumbs, della, model_stock
+#
+# Each is "sparsify every task vector, then combine". The two steps are
+# separate helpers so that mergelaws.mergeyaml can apply mergekit's per-model
+# weights and `normalize` switch with exactly the same sparsification:
+#   combine_deltas(sparse, weights=None, consensus=..., normalize=True)
+# with weights = None (all 1) is what the registered methods compute.
+# --------------------------------------------------------------------------
+
+RESCALE_CHOICES = ("inverse", "l1", "none")
+_L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+
+
+def _rescale_kept(v: Tensor, keep: Tensor, keep_prob: Tensor | float, rescale: str) -> Tensor:
+    """Masked task vector ``keep * v`` rescaled.
+
+    'inverse': divide by the keep probability (DARE / DELLA papers: unbiased in
+    expectation); 'l1': multiply by ||v||_1 / ||keep * v||_1 (mergekit's
+    ``rescale: true``; skipped when either norm is < 1e-7, as mergekit does);
+    'none': no rescaling.
+    """
+    masked = torch.where(keep, v, 0.0)
+    if rescale == "inverse":
+        return masked / keep_prob
+    if rescale == "l1":
+        before, after = v.abs().sum(), masked.abs().sum()
+        if before < _L1_EPS or after < _L1_EPS:
+            return masked
+        return masked * (before / after)
+    return masked
+
+
+def sparsify_dare(deltas: Tensor, drop_rate: float, rescale: str, seed: int) -> Tensor:
+    """DARE masks: entry kept iff u >= drop_rate, u ~ U[0,1) from a CPU generator
+    seeded with ``seed``, drawn model after model (the very stream of ``dare``,
+    so dare and dare_ties drop the same entries for the same seed)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = torch.empty_like(deltas)
+    for i, v in enumerate(deltas):
+        keep = (torch.rand(v.shape, generator=gen) >= drop_rate).to(v.device)
+        out[i] = _rescale_kept(v, keep, 1.0 - drop_rate, rescale)
+    return out
+
+
+def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(n_keep, n_top) for one tensor, as mergekit's magnitude_outliers:
+    n_keep = floor(density * numel); n_top = floor(gamma * numel), cut down to
+    numel - n_keep when the two overlap."""
+    n_keep = int(math.floor(density * numel))
+    n_top = min(int(math.floor(gamma * numel)), numel - n_keep)
+    return n_keep, n_top
+
+
+def sparsify_breadcrumbs(deltas: Tensor, density: float, gamma: float) -> Tensor:
+    """Per model: sort |v| ascending (stable: ties by flat index), zero the n_top
+    largest and keep the next n_keep (see :func:`breadcrumbs_counts`), zero the rest.
+    density >= 1 keeps everything (mergekit returns the tensor unchanged)."""
+    if density >= 1.0:
+        return deltas.clone()
+    out = torch.zeros_like(deltas)
+    for i, v in enumerate(deltas):
+        flat = v.reshape(-1)
+        n = flat.numel()
+        n_keep, n_top = breadcrumbs_counts(n, density, gamma)
+        order = torch.sort(flat.abs(), stable=True).indices  # ascending
+        idx = order[n - n_top - n_keep: n - n_top]
+        out[i].reshape(-1)[idx] = flat[idx]
+    return out
+
+
+def della_keep_probs(v: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities for one task vector (mergekit's
+    della_magprune): rows are dim 0 of a >= 2-D tensor (trailing dims flattened),
+    a 1-D tensor is one row. In each row of n entries, r = rank of |v| ascending
+    (1..n, stable: ties by index), rho = (r - 1) / (n - 1) (0.5 when n = 1), and
+    keep probability q = density - epsilon + 2 * epsilon * rho: the smallest entry
+    is kept with density - epsilon, the largest with density + epsilon."""
+    rows = v.reshape(1, -1) if v.dim() < 2 else v.reshape(v.shape[0], -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=v.device).expand_as(order))  # 0-based
+    rho = ranks.to(v.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    return (density - epsilon + 2.0 * epsilon * rho).reshape(v.shape)
+
+
+def sparsify_della(deltas: Tensor, density: float, epsilon: float, rescale: str, seed: int) -> Tensor:
+    """DELLA drop: entry kept iff u < q (q from :func:`della_keep_probs`), u ~ U[0,1)
+    from a CPU generator seeded with ``seed``, model after model; then rescaled."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = torch.empty_like(deltas)
+    for i, v in enumerate(deltas):
+        q = della_keep_probs(v, density, epsilon)
+        keep = torch.rand(v.shape, generator=gen).to(v.device) < q
+        out[i] = _rescale_kept(v, keep, q, rescale)
+    return out
+
+
+def combine_deltas(sparse: Tensor, weights: Tensor | None = None, *, consensus: bool, normalize: bool) -> Tensor:
+    """mergekit's generalized task arithmetic combine step for one tensor.
+
+    u_i = w_i * s_i (w = 1 when ``weights`` is None).
+    consensus: elected = +1 where sum_i u_i >= 0 else -1; agree_i = sign(u_i) == elected
+      (zeros never agree); merged = sum_i u_i [agree_i], divided (normalize) by
+      sum_i w_i [agree_i] (0 -> 1). With w = 1 this is TIES's sign election and
+      disjoint mean (exactly ``ties``'s _elect('positive') + _disjoint_mean).
+    no consensus: merged = sum_i u_i, divided (normalize) by sum_i w_i (|.| < 1e-8 -> 1).
+    """
+    k = sparse.shape[0]
+    w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},), got {tuple(w.shape)}")
+    w = w.to(sparse.device, sparse.dtype)
+    if consensus:
+        elected = torch.where(
+            sum(sparse[i] * w[i] for i in range(k)) >= 0, 1.0, -1.0
+        ).to(sparse.dtype)
+        total = torch.zeros_like(sparse[0])
+        div = torch.zeros_like(sparse[0])
+        for i in range(k):
+            u = sparse[i] * w[i]
+            agree = torch.sign(u) == elected
+            total += torch.where(agree, u, 0.0)
+            div += agree * w[i]
+        if not normalize:
+            return total
+        return total / torch.where(div == 0, torch.ones_like(div), div)
+    total = torch.zeros_like(sparse[0])
+    for i in range(k):
+        total += sparse[i] * w[i]
+    if not normalize:
+        return total
+    d = float(w.sum())
+    return total / (1.0 if abs(d) < 1e-8 else d)
+
+
+@register(
+    "dare_ties",
+    params=[
+        Param(
+            "drop_rate", float, 0.2,
+            "probability p of dropping each delta entry, per model, as in dare "
+            "(mergekit's density = 1 - p)",
+            low=0.0, high=1.0, high_open=True,
+        ),
+        Param(
+            "rescale", str, "inverse",
+            "'inverse': kept entries x 1/(1-p) (DARE paper, same as dare); 'l1': "
+            "x ||v||_1/||m*v||_1 per model and tensor (mergekit's rescale: true); "
+            "'none': no rescaling",
+            choices=RESCALE_CHOICES,
+        ),
+        Param("scale", float, 1.0, _SCALE_DOC + " applied to the disjoint mean", low=0.0, low_open=True),
+    ],
+    doc="DARE-TIES: s_i = rescale(m_i * v_i), m_i ~ Bernoulli(1-p) drawn exactly as "
+    "dare's masks (same seed -> same masks); elected sign = sign(sum_i s_i) "
+    "(0 -> +1); theta_0 + scale * (sum of the s_i agreeing with it) / (their "
+    "count, clamped >= 1). mergekit's dare_ties with normalize: true.",
+    stochastic=True,
+)
+def _dare_ties(deltas: Tensor, *, drop_rate: float, rescale: str, scale: float, seed: int = 0, **_: Any) -> Tensor:
+    sparse = sparsify_dare(deltas, drop_rate, rescale, seed)
+    return combine_deltas(sparse, consensus=True, normalize=True) * scale
+
+
+@register(
+    "breadcrumbs",
+    params=[
+        Param(
+            "density", float, 0.9,
+            "fraction of entries KEPT per model and tensor, after the gamma "
+            "outliers: floor(density * numel) entries (mergekit's density)",
+            low=0.0, high=1.0, low_open=True,
+        ),
+        Param(
+            "gamma", float, 0.01,
+            "fraction of the LARGEST |v| entries dropped first, floor(gamma * numel), "
+            "cut to numel - kept when they overlap (mergekit's gamma, default 0.01)",
+            low=0.0, high=1.0, high_open=True,
+        ),
+        Param("scale", float, 1.0, _SCALE_DOC, low=0.0, low_open=True),
+    ],
+    doc="Model Breadcrumbs (Davari & Belilovsky 2023; mergekit's magnitude_outliers "
+    "sparsification): per model and tensor, sort |v| ascending (ties by flat "
+    "index), drop the top floor(gamma*n), keep the next floor(density*n), zero "
+    "the rest; theta_0 + scale * mean_i(s_i). mergekit's breadcrumbs sums "
+    "instead (normalize: false); mergelaws.mergeyaml maps that.",
+)
+def _breadcrumbs(deltas: Tensor, *, density: float, gamma: float, scale: float, **_: Any) -> Tensor:
+    sparse = sparsify_breadcrumbs(deltas, density, gamma)
+    return combine_deltas(sparse, consensus=False, normalize=True) * scale
+
+
+@register(
+    "della",
+    params=[
+        Param(
+            "density", float, 0.8,
+            "mean keep probability per entry (mergekit's density); density +- epsilon "
+            "must lie in (0, 1]",
+            low=0.0, high=1.0, low_open=True,
+        ),
+        Param(
+            "epsilon", float, 0.1,
+            "keep-probability spread: from density - epsilon (smallest |v| of a row) "
+            "to density + epsilon (largest), linear in the rank (mergekit default 0.15)",
+            low=0.0, high=0.5,
+        ),
+        Param(
+            "rescale", str, "inverse",
+            "'inverse': kept entries x 1/q (their own keep probability; the DELLA "
+            "paper); 'l1': x ||v||_1/||m*v||_1 (mergekit's rescale: true); 'none'",
+            choices=RESCALE_CHOICES,
+        ),
+        Param("scale", float, 1.0, _SCALE_DOC + " applied to the disjoint mean", low=0.0, low_open=True),
+    ],
+    doc="DELLA (Deep et al. 2024; mergekit's della): per model and row "
+    "(dim 0; 1-D tensors are one row), rank |v| ascending r = 1..n, keep "
+    "probability q = density - epsilon + 2*epsilon*(r-1)/(n-1); m ~ Bernoulli(q) "
+    "from a CPU generator seeded with `seed`; s_i = rescale(m_i * v_i); TIES sign "
+    "election (0 -> +1) and disjoint mean, times scale (mergekit's della: "
+    "normalize: true).",
+    stochastic=True,
+)
+def _della(deltas: Tensor, *, density: float, epsilon: float, rescale: str, scale: float, seed: int = 0,
+           **_: Any) -> Tensor:
+    _check_della(density, epsilon)
+    sparse = sparsify_della(deltas, density, epsilon, rescale, seed)
+    return combine_deltas(sparse, consensus=True, normalize=True) * scale
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    if density - epsilon <= 0.0 or density + epsilon > 1.0:
+        raise ValueError(
+            f"della: density - epsilon and density + epsilon must lie in (0, 1], got "
+            f"density = {density!r}, epsilon = {epsilon!r}"
+        )
+
+
+def model_stock_ratio(deltas: Tensor, filter_wise: bool = False) -> Tensor:
+    """Model Stock's t = k cos / (1 + (k-1) cos), cos = mean over pairs i<j of
+    <v_i, v_j> / max(||v_i|| ||v_j||, 1e-6), clamped to [-1, 1] (as mergekit).
+    Scalar per tensor, or per row (dim 0) with ``filter_wise``; k = 1 gives t = 1."""
+    k = deltas.shape[0]
+    if filter_wise and deltas.dim() >= 3:
+        flat = deltas.reshape(k, deltas.shape[1], -1)
+    else:  # one row: the whole tensor, or a 1-D tensor with filter_wise (mergekit)
+        flat = deltas.reshape(k, 1, -1)
+    if k == 1:
+        return torch.ones(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    norms = flat.norm(dim=-1)  # [k, rows]
+    cos_sum = torch.zeros(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for i in range(k):
+        for j in range(i + 1, k):
+            dot = (flat[i] * flat[j]).sum(-1)
+            cos_sum += (dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+    cos = cos_sum / (k * (k - 1) // 2)
+    denom = 1 + (k - 1) * cos
+    singular = denom.abs() < 1e-6  # opposing updates: keep the base (mergekit 0.1.5)
+    return torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, 1.0, denom))
+
+
+@register(
+    "model_stock",
+    params=[
+        Param(
+            "filter_wise", bool, False,
+            "false: one ratio t per tensor (mergekit's default); true: one t per row "
+            "(dim 0) of each matrix, 1-D tensors as one row",
+        ),
+    ],
+    doc="Model Stock (Jang et al. 2024): theta_0 + t * mean_i(v_i), i.e. the "
+    "interpolation t*mean(theta_i) + (1-t)*theta_0, t = k cos / (1 + (k-1) cos), cos "
+    "the mean pairwise cosine of the task vectors (norm product clamped >= 1e-6, "
+    "cos clamped to [-1, 1]; t = 0 where |1 + (k-1) cos| < 1e-6; as mergekit "
+    "0.1.5). k = 1: t = 1 (the expert itself; mergekit refuses fewer than 2 experts).",
+)
+def _model_stock(deltas: Tensor, *, filter_wise: bool, **_: Any) -> Tensor:
+    t = model_stock_ratio(deltas, filter_wise)
+    mean = deltas.mean(0)
+    if t.numel() == 1:
+        return mean * t.reshape(())
+    return mean * t.reshape(-1, *([1] * (mean.dim() - 1)))
+
+
+# --------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------
 

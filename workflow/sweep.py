@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from mergelaws.evaluate import evaluate_examples
 from mergelaws.io import atomic_path, write_text
 from mergelaws.progress import Progress
 
-COLUMNS = ["size", "params", "method", "k", "subset", "members", "eval_domain", "in_domain", "loss", "tokens"]
+COLUMNS = ["size", "params", "method", "k", "subset", "members", "eval_domain", "in_domain", "loss", "tokens",
+           "status"]
 
 
 def load_eval_sets(cfg: dict, tokenizer) -> dict[str, list[D.Example]]:
@@ -72,13 +74,27 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
             else:
                 merged = merge.merge_state_dicts(method, base_state, [experts[index[d]] for d in s.members],
                                                  params, seed=cfg["seed"], subset_id=s.id)
-            with torch.no_grad():
-                for name, p in live.items():
-                    p.copy_(merged[name].to(p.dtype))
+            bad = [n for n, t in merged.items() if not torch.isfinite(t).all()]
+            if bad:
+                log(f"sweep {size}/{method}: merge of subset {s.id} ({s.label}) has non-finite weights in "
+                    f"{bad[:3]}; recorded as failed (loss NaN), excluded from means and fits")
+            else:
+                with torch.no_grad():
+                    for name, p in live.items():
+                        p.copy_(merged[name].to(p.dtype))
             for d in doms:
+                if bad:
+                    rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
+                                 "failed: non-finite weights"))
+                    continue
                 res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
                                         batch_tokens=cfg["eval"]["batch_tokens"], device=device)
-                rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, res.loss, res.tokens))
+                status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"
+                if status != "ok":
+                    log(f"sweep {size}/{method}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; "
+                        f"recorded as failed")
+                rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, res.loss, res.tokens,
+                             status))
             prog.update()
         progress.add(pd.DataFrame(rows, columns=COLUMNS))  # persisted before the next chunk starts
     prog.close()
