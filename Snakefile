@@ -35,5 +35,6 @@ rule all:
         EXPERTS,
         LOSSES,
         FITS,
+        PLAN,
         FIGURES,
     default_target: True

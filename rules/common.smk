@@ -53,6 +53,7 @@ wildcard_constraints:
 EXPERTS = [f"{grid.expert_dir(CFG, s, d)}/config.json" for s in SIZES for d in DOMAINS]
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
+PLAN = [f"{RESULTS}/plan.md", f"{RESULTS}/plan.json"]
 FIGURES = [
     f"{RESULTS}/figures/{kind}_{view}.{ext}"
     for kind in ("loss_vs_k", "variance_vs_k")

@@ -34,3 +34,22 @@ rule figures:
     shell:
         "mergelaws figures --config {params.config} --losses {input.losses} --fits {input.fits} "
         "--out {params.out} 2>&1 | tee {log}"
+
+
+rule plan:
+    input:
+        losses=LOSSES[0],
+        fits=FITS[0],
+    output:
+        PLAN,
+    params:
+        config=RESOLVED,
+        fit=CFG["fit"],
+        out=lambda wc, output: os.path.dirname(output[0]),
+    log:
+        f"{RESULTS}/logs/plan.log",
+    conda:
+        "../envs/mergelaws.yaml"
+    shell:
+        "mergelaws plan {input.losses} --fits {input.fits} --config {params.config} "
+        "--out {params.out} 2>&1 | tee {log}"

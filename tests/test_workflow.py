@@ -99,6 +99,9 @@ def test_fits_and_figures(run):
     assert {u["method"] for u in fits["unified"]} == set(cfg["methods"])
     summary = pd.read_csv(work / "results" / "fits" / "summary.csv")
     assert {"size", "method", "view", "r2"} <= set(summary.columns)
+    plan = (work / "results" / "plan.md").read_text()
+    assert "Experts needed for a target loss" in plan and "Three-point forecast" in plan
+    assert json.loads((work / "results" / "plan.json").read_text())
     for kind in ("loss_vs_k", "variance_vs_k"):
         for view in ("in_domain", "cross_domain"):
             for ext in ("png", "pdf"):

@@ -113,6 +113,19 @@ def cmd_figures(args) -> None:
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
 
 
+def cmd_plan(args) -> None:
+    import pandas as pd
+
+    from mergelaws import plan
+
+    losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
+    fits = json.loads(Path(args.fits).read_text()) if args.fits else None
+    view = args.view or (_cfg(args)["fit"]["view"] if args.config else "cross_domain")
+    for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps,
+                             view=view, n_boot=args.n_boot, seed=args.seed):
+        print(p)
+
+
 def cmd_schema(args) -> None:
     from mergelaws import config
 
@@ -159,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--config")
     p.add_argument("--weights", choices=["k", "sem", "none"])
+    p = add("plan", cmd_plan, "planning answers from the fitted laws (plan.md + plan.json)", config=False)
+    p.add_argument("losses")
+    p.add_argument("--fits")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.add_argument("--target", type=float, help="target loss (default: per size, midway to the floor)")
+    p.add_argument("--eps", type=float, default=0.01, help="marginal gain threshold (nats/token)")
+    p.add_argument("--view", help="view to plan on (default: fit.view from --config, else cross_domain)")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
     p = add("figures", cmd_figures, "draw the figures")
     p.add_argument("--losses", required=True)
     p.add_argument("--fits", required=True)

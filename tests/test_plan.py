@@ -1,0 +1,198 @@
+"""Tests for mergelaws.plan: planning answers on synthetic laws, and write_plan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergelaws import plan as P
+
+LAWS = [
+    {"L_inf": 2.0, "A": 0.5, "b": 0.3},
+    {"L_inf": 3.7, "A": 0.074, "b": 0.25},
+    {"L_inf": 1.2, "A": 1.7, "b": 2.5},
+    {"L_inf": 0.8, "A": 0.04, "b": 0.0},
+]
+
+
+def L(law, k):
+    return law["L_inf"] + law["A"] / (k + law["b"])
+
+
+def brute_needed(law, target, k_max=100000):
+    for k in range(1, k_max + 1):
+        if L(law, k) <= target:
+            return k
+    return None
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_experts_needed_exact(law):
+    for frac in (0.05, 0.3, 0.5, 0.77, 0.9, 0.99, 0.999):
+        target = L(law, 1) - frac * (L(law, 1) - law["L_inf"])
+        assert P.experts_needed(law, target) == brute_needed(law, target)
+    for k in range(1, 30):  # targets exactly on the curve
+        assert P.experts_needed(law, L(law, k)) == brute_needed(law, L(law, k))
+    assert P.experts_needed(law, law["L_inf"]) is None
+    assert P.experts_needed(law, law["L_inf"] - 0.1) is None
+    assert P.experts_needed(law, L(law, 1) + 1) == 1
+    t = L(law, 7) - 1e-12
+    assert P.experts_needed(law, t, k_max=7) is None and P.experts_needed(law, t, k_max=8) == 8
+    rising = {"L_inf": 2.0, "A": -0.1, "b": 0.0}  # L(1) = 1.9, rising towards 2.0
+    assert P.experts_needed(rising, 1.85) is None and P.experts_needed(rising, 1.95) == 1
+
+
+def test_k_epsilon_paper_worked_numbers():
+    # PAPER.md App. J.1: code (b, A0, gamma) = (0.25, 0.068, 0.115): 0.5B -> 8, 32B -> 5
+    for N, want in ((0.5, 8), (32.0, 5)):
+        A = 0.068 * N ** -0.115
+        r = P.k_epsilon({"L_inf": 0.3, "A": A, "b": 0.25}, eps=0.01)
+        assert r["k_eps"] == want and r["k_eps_value"] == pytest.approx(A / 0.01 - 0.25)
+    assert P.k_epsilon({"L_inf": 0.3, "A": -0.1, "b": 0.0})["k_eps"] is None
+
+
+@pytest.mark.parametrize("law", LAWS)
+@pytest.mark.parametrize("eps", [0.001, 0.01, 0.03])
+def test_k_marginal_exact(law, eps):
+    k = 1
+    while L(law, k) - L(law, k + 1) >= eps:
+        k += 1
+    assert P.k_marginal(law, eps) == k
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_k80_k90_on_curve_and_envelope(law):
+    ks = np.arange(1, 10)
+    v = L(law, ks.astype(float))
+    gain = v[0] - v[-1]
+    r = P.k_fraction(v)
+    for q, key in ((0.8, "k80"), (0.9, "k90")):
+        assert r[key] == next(k for k in ks if (v[0] - v[k - 1]) / gain >= q)
+    # a measured curve with a bump: the envelope ignores the bump
+    m = np.array([5.0, 4.0, 4.5, 3.5, 3.2, 3.3, 3.1, 3.05, 3.0])
+    r = P.k_fraction(m)
+    env = np.minimum.accumulate(m)
+    R = (m[0] - env) / (m[0] - env[-1])
+    assert r["k80"] == 1 + int(np.argmax(R >= 0.8)) == 5
+    assert r["k90"] == 1 + int(np.argmax(R >= 0.9)) == 7
+    assert P.k_fraction([3.0, 3.1, 3.2])["k90"] is None
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_three_point_forecast_recovers_curve(law):
+    ks = np.arange(1, 10)
+    y = L(law, ks.astype(float))
+    r = P.three_point_forecast(ks, y)
+    assert r["exact"]
+    assert r["b"] == pytest.approx(law["b"], abs=1e-9)
+    assert r["A"] == pytest.approx(law["A"], rel=1e-9)
+    assert r["L_inf"] == pytest.approx(law["L_inf"], abs=1e-9)
+    assert r["mae"] < 1e-10 and abs(r["err_at_M"]) < 1e-10
+    assert max(abs(r["forecast"][k] - L(law, k)) for k in range(1, 10)) < 1e-10
+
+
+def test_three_point_forecast_no_exact_solution():
+    ks = np.arange(1, 10)
+    y = 2.0 + 0.5 / ks + 0.02 * (ks == 4)  # k=2 -> 4 drop too small for any b >= 0
+    r = P.three_point_forecast(ks, y)
+    assert not r["exact"] and r["b"] == pytest.approx(0.0) and r["reason"]
+
+
+def test_budget_picks_analytic_cheapest():
+    laws = {"s": {"L_inf": 3.0, "A": 0.6, "b": 0.2}, "m": {"L_inf": 2.8, "A": 0.5, "b": 0.3},
+            "l": {"L_inf": 2.5, "A": 0.4, "b": 0.1}}
+    costs = P.expert_costs({"s": 1e5, "m": 3e5, "l": 1e6})
+    assert costs["m"]["expert"] == pytest.approx(3.0) and costs["m"]["merge"] == pytest.approx(0.3)
+    opts = P.budget_options(laws, costs, k_max=9)
+    for target in (3.5, 3.2, 3.1, 3.02, 2.95, 2.7, 2.6, 2.4):
+        ok = opts[opts["loss"] <= target]
+        r = P.cheapest_for_target(laws, costs, target, k_max=9)
+        if ok.empty:
+            assert r["best"] is None
+            continue
+        want = ok.sort_values(["cost", "loss"]).iloc[0]
+        assert (r["best"]["size"], r["best"]["k"]) == (want["size"], want["k"])
+        assert r["best"]["cost"] == pytest.approx(want["cost"])
+    for budget in (0.5, 1.2, 3.4, 5.0, 9.3, 12.0, 30.0):
+        ok = opts[opts["cost"] <= budget + 1e-12]
+        r = P.best_for_budget(laws, costs, budget, k_max=9)
+        if ok.empty:
+            assert r["best"] is None
+            continue
+        want = ok.sort_values(["loss", "cost"]).iloc[0]
+        assert (r["best"]["size"], r["best"]["k"]) == (want["size"], want["k"])
+    # explicit costs
+    c2 = P.expert_costs({"s": 1, "m": 2}, costs={"s": 5.0, "m": {"expert": 1.0, "merge": 0.0}})
+    assert c2 == {"s": {"expert": 5.0, "merge": 0.5}, "m": {"expert": 1.0, "merge": 0.0}}
+
+
+def realistic_losses(seed=0):
+    """3 sizes x 3 methods, 4 domains, 6 shared subsets per k in 1..M-1, one at k=0 and k=M."""
+    rng = np.random.default_rng(seed)
+    doms = ["w", "x", "y", "z"]
+    M = 6
+    rows = []
+    # a subset's shift is shared by every method: the same experts are merged
+    shifts = {(size, k, j): 0.03 / np.sqrt(max(k, 1)) * rng.standard_normal()
+              for size in ("xs", "s", "m") for k in range(1, M) for j in range(6)}
+    for size, params, Linf, A in (("xs", 150_000, 4.2, 0.30), ("s", 530_000, 3.8, 0.32),
+                                  ("m", 1_720_000, 3.4, 0.50)):
+        for method, dA in (("average", 0.0), ("task_arithmetic", -0.1), ("ties", 0.05)):
+            for k in range(0, M + 1):
+                for j in range(1 if k in (0, M) else 6):
+                    shift = shifts.get((size, k, j), 0.0)
+                    for d in doms:
+                        mu = Linf + 0.1 if k == 0 else Linf + (A + dA) / (k + 0.3)
+                        loss = mu + shift + 0.005 * rng.standard_normal()
+                        rows.append((size, params, method, k, f"s{k}-{j}", "", d, False, loss, 100))
+    return pd.DataFrame(rows, columns=["size", "params", "method", "k", "subset", "members",
+                                       "eval_domain", "in_domain", "loss", "tokens"])
+
+
+def test_compare_methods_paired():
+    from mergelaws import uncertainty as U
+
+    t = realistic_losses()
+    cmp = P.compare_methods(U.per_subset_values(t))
+    assert len(cmp) == 3 * 6
+    early = cmp[cmp["k"] <= 3]
+    assert (early["best"] == "task_arithmetic").all() and early["significant"].all()
+    assert (early["pairing"] == "paired").all()
+    last = cmp[cmp["k"] == 6]
+    assert last["significant"].isna().all() and (last["n"] == 1).all()
+
+
+def test_write_plan(tmp_path):
+    from mergelaws import fit
+
+    t = realistic_losses()
+    fits = fit.fit_all(t, views=["cross_domain"])
+    paths = P.write_plan(t, fits, tmp_path / "plan", n_boot=40)
+    assert [p.name for p in paths] == ["plan.md", "plan.json"]
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json", "plan.md"]
+    plan = json.loads(paths[1].read_text())
+    md = paths[0].read_text()
+    for head in ("## Fitted laws", "## Experts needed", "## Saturation", "## Three-point",
+                 "## Hold-out", "## Budget", "## Methods at matched k"):
+        assert head in md
+    assert plan["settings"]["M"] == 6 and plan["sizes"] == ["xs", "s", "m"]
+    assert len(plan["laws"]) == 9 and all(r["L_inf_lo"] <= r["L_inf_hi"] for r in plan["laws"])
+    need = {(r["size"], r["method"]): r for r in plan["experts_needed"]}
+    law = next(r for r in plan["laws"] if r["size"] == "m" and r["method"] == "average")
+    r = need[("m", "average")]
+    assert r["k"] == brute_needed(law, r["target"])
+    assert r["k_lo"] <= r["k"] <= r["k_hi"]
+    assert plan["recommendation"] and all(isinstance(s, str) for s in plan["recommendation"])
+    # given targets and no fits (refit inside)
+    P.write_plan(t, None, tmp_path / "plan2", targets=4.0, n_boot=20, costs={"m": 1.0})
+    p2 = json.loads((tmp_path / "plan2" / "plan.json").read_text())
+    assert p2["settings"]["laws_from"] == "refit"
+    assert {r["target"] for r in p2["experts_needed"]} == {4.0}
+    assert p2["costs"]["m"]["expert"] == 1.0
+    # re-writing leaves no temp files
+    P.write_plan(t, fits, tmp_path / "plan", n_boot=20)
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json", "plan.md"]
