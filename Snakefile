@@ -7,6 +7,9 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+report: "report/workflow.rst"
+
+
 # config.yaml is the default; a --configfile given on the command line replaces it (rather
 # than being merged into it, which would leak the default's domains and bases into yours).
 if not workflow.overwrite_configfiles:

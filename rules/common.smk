@@ -54,12 +54,27 @@ EXPERTS = [f"{grid.expert_dir(CFG, s, d)}/config.json" for s in SIZES for d in D
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
 PLAN = [f"{RESULTS}/plan.md", f"{RESULTS}/plan.json"]
+FIGURE_KINDS = ("loss_vs_k", "variance_vs_k")
+FIGURE_VIEWS = ("in_domain", "cross_domain")
 FIGURES = [
     f"{RESULTS}/figures/{kind}_{view}.{ext}"
-    for kind in ("loss_vs_k", "variance_vs_k")
-    for view in ("in_domain", "cross_domain")
+    for kind in FIGURE_KINDS
+    for view in FIGURE_VIEWS
     for ext in ("png", "pdf")
 ]
+
+
+def figure_outputs():
+    """The figures, the PNGs marked for `snakemake --report` with their captions."""
+    out = []
+    for path in FIGURES:
+        kind = next(k for k in FIGURE_KINDS if os.path.basename(path).startswith(k))
+        if path.endswith(".png"):
+            caption = f"../report/{kind}.rst"
+            out.append(report(path, caption=caption, category="Figures"))
+        else:
+            out.append(path)
+    return out
 
 
 def base_input(wildcards):

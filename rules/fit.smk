@@ -23,7 +23,7 @@ rule figures:
         losses=LOSSES[0],
         fits=FITS[0],
     output:
-        FIGURES,
+        figure_outputs(),
     params:
         config=RESOLVED,
         out=lambda wc, output: os.path.dirname(output[0]),
@@ -41,7 +41,8 @@ rule plan:
         losses=LOSSES[0],
         fits=FITS[0],
     output:
-        PLAN,
+        report(PLAN[0], caption="../report/plan.rst", category="Plan"),
+        PLAN[1],
     params:
         config=RESOLVED,
         fit=CFG["fit"],

@@ -336,12 +336,13 @@ def test_tensor_seed_stable_across_processes():
 
 
 def test_registry_names_and_defaults():
-    assert M.method_names() == ["average", "task_arithmetic", "ties", "dare"]
+    assert M.method_names() == ["average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "della",
+                                "model_stock"]
     assert M.resolve_params("average", None) == {"scale": 1.0}
     assert M.resolve_params("task_arithmetic", {}) == {"scale": 0.8, "combine": "mean"}
     assert M.resolve_params("ties", {}) == {"density": 1.0, "scale": 1.0, "trim_scope": "tensor", "zero_sign": "positive"}
     assert M.resolve_params("dare", {}) == {"drop_rate": 0.2, "rescale": "inverse", "scale": 1.0}
-    assert [m for m in M.method_names() if M.get_method(m).stochastic] == ["dare"]
+    assert [m for m in M.method_names() if M.get_method(m).stochastic] == ["dare", "dare_ties", "della"]
     assert M.resolve_params("ties", {"density": 1}) ["density"] == 1.0  # int accepted for float
     assert isinstance(M.resolve_params("ties", {"density": 1})["density"], float)
 

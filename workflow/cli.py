@@ -135,6 +135,10 @@ def cmd_schema(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mergelaws", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    from mergelaws import evalcli, mergeyaml
+
+    evalcli.add_parser(sub)
+    mergeyaml.add_parser(sub)
 
     def add(name, fn, help_, config=True):
         p = sub.add_parser(name, help=help_)

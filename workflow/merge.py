@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -464,8 +464,8 @@ def _rescale_kept(v: Tensor, keep: Tensor, keep_prob: Tensor | float, rescale: s
     'none': no rescaling.
     """
     masked = torch.where(keep, v, 0.0)
-    if rescale == "inverse":
-        return masked / keep_prob
+    if rescale == "inverse":  # a scalar multiplies by 1/q exactly as dare does
+        return masked * (1.0 / keep_prob) if isinstance(keep_prob, float) else masked / keep_prob
     if rescale == "l1":
         before, after = v.abs().sum(), masked.abs().sum()
         if before < _L1_EPS or after < _L1_EPS:
@@ -474,15 +474,27 @@ def _rescale_kept(v: Tensor, keep: Tensor, keep_prob: Tensor | float, rescale: s
     return masked
 
 
-def sparsify_dare(deltas: Tensor, drop_rate: float, rescale: str, seed: int) -> Tensor:
+def _per_model(value: float | Sequence[float], k: int, what: str) -> list[float]:
+    """A scalar for every model, or one value per model."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * k
+    values = [float(x) for x in value]
+    if len(values) != k:
+        raise ValueError(f"{what}: {len(values)} values for {k} models")
+    return values
+
+
+def sparsify_dare(deltas: Tensor, drop_rate: float | Sequence[float], rescale: str, seed: int) -> Tensor:
     """DARE masks: entry kept iff u >= drop_rate, u ~ U[0,1) from a CPU generator
     seeded with ``seed``, drawn model after model (the very stream of ``dare``,
-    so dare and dare_ties drop the same entries for the same seed)."""
+    so dare and dare_ties drop the same entries for the same seed). ``drop_rate``
+    may be one value per model."""
+    rates = _per_model(drop_rate, deltas.shape[0], "drop_rate")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     out = torch.empty_like(deltas)
     for i, v in enumerate(deltas):
-        keep = (torch.rand(v.shape, generator=gen) >= drop_rate).to(v.device)
-        out[i] = _rescale_kept(v, keep, 1.0 - drop_rate, rescale)
+        keep = (torch.rand(v.shape, generator=gen) >= rates[i]).to(v.device)
+        out[i] = _rescale_kept(v, keep, 1.0 - rates[i], rescale)
     return out
 
 
@@ -495,20 +507,26 @@ def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, i
     return n_keep, n_top
 
 
-def sparsify_breadcrumbs(deltas: Tensor, density: float, gamma: float) -> Tensor:
+def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma: float | Sequence[float],
+                         rescale: str = "none") -> Tensor:
     """Per model: sort |v| ascending (stable: ties by flat index), zero the n_top
-    largest and keep the next n_keep (see :func:`breadcrumbs_counts`), zero the rest.
-    density >= 1 keeps everything (mergekit returns the tensor unchanged)."""
-    if density >= 1.0:
-        return deltas.clone()
-    out = torch.zeros_like(deltas)
+    largest and keep the next n_keep (see :func:`breadcrumbs_counts`), zero the rest;
+    rescale 'l1' or 'none' (mergekit's rescale). A model with density >= 1 is kept
+    whole (mergekit returns the tensor unchanged). Parameters may be per model."""
+    k = deltas.shape[0]
+    dens, gams = _per_model(density, k, "density"), _per_model(gamma, k, "gamma")
+    out = torch.empty_like(deltas)
     for i, v in enumerate(deltas):
+        if dens[i] >= 1.0:
+            out[i] = v
+            continue
         flat = v.reshape(-1)
         n = flat.numel()
-        n_keep, n_top = breadcrumbs_counts(n, density, gamma)
+        n_keep, n_top = breadcrumbs_counts(n, dens[i], gams[i])
         order = torch.sort(flat.abs(), stable=True).indices  # ascending
-        idx = order[n - n_top - n_keep: n - n_top]
-        out[i].reshape(-1)[idx] = flat[idx]
+        keep = torch.zeros(n, dtype=torch.bool, device=v.device)
+        keep[order[n - n_top - n_keep: n - n_top]] = True
+        out[i] = _rescale_kept(v, keep.reshape(v.shape), 1.0, "none" if rescale == "none" else "l1")
     return out
 
 
@@ -528,15 +546,24 @@ def della_keep_probs(v: Tensor, density: float, epsilon: float) -> Tensor:
     return (density - epsilon + 2.0 * epsilon * rho).reshape(v.shape)
 
 
-def sparsify_della(deltas: Tensor, density: float, epsilon: float, rescale: str, seed: int) -> Tensor:
+def sparsify_della(deltas: Tensor, density: float | Sequence[float], epsilon: float | Sequence[float],
+                   rescale: str, seed: int) -> Tensor:
     """DELLA drop: entry kept iff u < q (q from :func:`della_keep_probs`), u ~ U[0,1)
-    from a CPU generator seeded with ``seed``, model after model; then rescaled."""
+    from a CPU generator seeded with ``seed``, model after model; then rescaled.
+    A model with density >= 1 is kept whole but still draws its numbers (mergekit
+    returns it unchanged). Parameters may be per model."""
+    k = deltas.shape[0]
+    dens, eps = _per_model(density, k, "density"), _per_model(epsilon, k, "epsilon")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     out = torch.empty_like(deltas)
     for i, v in enumerate(deltas):
-        q = della_keep_probs(v, density, epsilon)
-        keep = torch.rand(v.shape, generator=gen).to(v.device) < q
-        out[i] = _rescale_kept(v, keep, q, rescale)
+        u = torch.rand(v.shape, generator=gen).to(v.device)
+        if dens[i] >= 1.0:
+            out[i] = v
+            continue
+        _check_della(dens[i], eps[i])
+        q = della_keep_probs(v, dens[i], eps[i])
+        out[i] = _rescale_kept(v, u < q, q, rescale)
     return out
 
 
@@ -641,7 +668,7 @@ def _breadcrumbs(deltas: Tensor, *, density: float, gamma: float, scale: float, 
         Param(
             "density", float, 0.8,
             "mean keep probability per entry (mergekit's density); density +- epsilon "
-            "must lie in (0, 1]",
+            "must lie in (0, 1] unless density = 1 (no drop, as mergekit)",
             low=0.0, high=1.0, low_open=True,
         ),
         Param(
@@ -668,7 +695,6 @@ def _breadcrumbs(deltas: Tensor, *, density: float, gamma: float, scale: float, 
 )
 def _della(deltas: Tensor, *, density: float, epsilon: float, rescale: str, scale: float, seed: int = 0,
            **_: Any) -> Tensor:
-    _check_della(density, epsilon)
     sparse = sparsify_della(deltas, density, epsilon, rescale, seed)
     return combine_deltas(sparse, consensus=True, normalize=True) * scale
 

@@ -1,0 +1,365 @@
+"""`mergelaws merge CONFIG.yml OUT_DIR`: merge Hugging Face checkpoints from a mergekit-format YAML.
+
+The YAML is mergekit's (https://github.com/arcee-ai/mergekit)::
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/expert_a
+        parameters: {weight: 1.0, density: 0.5}
+      - model: path/to/expert_b
+        parameters: {weight: 0.5, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0}   # shared; also defaults for per-model keys
+    dtype: float32
+
+and the semantics are mergekit 0.1.5's, computed with the sparsification and combine
+helpers of :mod:`mergelaws.merge` (the ones its registered methods use), in float32 whatever
+the storage dtype. For every floating parameter tensor, with task vectors v_i = theta_i -
+theta_0 and per-model weights w_i::
+
+    s_i   = sparsify_i(v_i)                               (per method, below)
+    u_i   = w_i * s_i
+    mixed = sum_i u_i                                     (no consensus)
+          = sum_i u_i [sign(u_i) == E],  E = +1 where sum_i u_i >= 0 else -1   (consensus)
+    mixed /= sum_i w_i  (resp. sum_i w_i [agree_i]; 0 -> 1)   if normalize
+    theta = theta_0 + lambda * mixed
+
+| mergekit name      | sparsify                                | consensus | normalize | rescale | registry equivalent (equal weights)              |
+|--------------------|-----------------------------------------|-----------|-----------|---------|--------------------------------------------------|
+| linear / average   | -                                       | -         | true      | -       | average (sum w_i theta_i / sum w_i)              |
+| task_arithmetic    | -                                       | no        | false     | -       | task_arithmetic combine=sum, scale=lambda*w     |
+| ties               | top-density by abs(v) (merge._trim)     | yes       | true      | false   | ties density=d, scale=lambda                    |
+| dare_linear / dare | DARE masks, p = 1 - density             | no        | false     | true    | dare rescale=none (rescale: false, normalize)   |
+| dare_ties          | DARE masks, p = 1 - density             | yes       | false     | true    | dare_ties rescale=l1 (normalize: true)          |
+| breadcrumbs        | drop top gamma, keep next density       | no        | false     | false   | breadcrumbs (normalize: true)                   |
+| breadcrumbs_ties   | same                                    | yes       | false     | false   | -                                                |
+| della              | MagPrune keep probs (density, epsilon)  | yes       | true      | true    | della rescale=l1                                |
+| della_linear       | same                                    | no        | false     | true    | -                                                |
+| model_stock        | -  (theta_0 + t * mean v_i)             | -         | -         | -       | model_stock                                      |
+
+mergekit's ``rescale: true`` is its L1 rescale (x ||v||_1 / ||m*v||_1 per model and tensor),
+not DARE's 1/(1-p). ``linear`` with ``normalize: false`` gives sum_i w_i theta_i.
+
+Deviations from mergekit (documented, small): the TIES keep count is round-half-up(density *
+numel) (the registry's rule) where mergekit uses max(1, floor(density * numel)); entries tied
+in |v| are ranked by flat index (mergekit: torch's unstable sort); random masks come from a CPU
+generator seeded per tensor with ``merge.tensor_seed(seed, "", name)`` (mergekit: torch's
+global RNG, unseeded), so reruns are bit-identical. The base model is a merge member only if
+it is also listed under ``models``, except with ``linear``, where (as in mergekit) a base_model
+is one more member weighted by the shared ``parameters.weight`` (an error without one); linear
+without base_model uses the first model as theta_0, the tokenizer and config source.
+
+Not supported, rejected with an error naming the key: per-tensor parameter filters and
+gradients (lists), slices, LoRA (``model+lora``), ``tokenizer_source`` other than ``base``,
+``chat_template``, and any key not listed here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergelaws import merge as M
+from mergelaws.config import ConfigError
+
+__all__ = ["MergeYamlError", "MergePlan", "parse_config", "load_config", "merge_tensor", "run_merge",
+           "add_parser", "METHODS"]
+
+
+class MergeYamlError(ConfigError):
+    """A mergekit YAML problem, naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    sparsify: str | None  # None | magnitude | random | outliers | della
+    consensus: bool
+    normalize: bool
+    rescale: bool
+    model_keys: tuple[str, ...]  # allowed per-model parameters
+    lam: bool = True  # lambda allowed
+
+
+_GTA = ("weight", "density")
+METHODS: dict[str, _Spec] = {
+    "linear": _Spec(None, False, True, False, ("weight",), lam=False),
+    "task_arithmetic": _Spec(None, False, False, False, _GTA),
+    "ties": _Spec("magnitude", True, True, False, _GTA),
+    "dare_linear": _Spec("random", False, False, True, _GTA),
+    "dare_ties": _Spec("random", True, False, True, _GTA),
+    "breadcrumbs": _Spec("outliers", False, False, False, _GTA + ("gamma",)),
+    "breadcrumbs_ties": _Spec("outliers", True, False, False, _GTA + ("gamma",)),
+    "della": _Spec("della", True, True, True, _GTA + ("epsilon",)),
+    "della_linear": _Spec("della", False, False, True, _GTA + ("epsilon",)),
+    "model_stock": _Spec(None, False, False, False, (), lam=False),
+}
+ALIASES = {"average": "linear", "dare": "dare_linear"}
+PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class MergePlan:
+    method: str  # canonical mergekit name
+    base_model: str
+    models: list[str]
+    weights: list[float]
+    per_model: dict[str, list[float]]  # density / gamma / epsilon per model
+    normalize: bool
+    rescale: bool
+    lam: float
+    filter_wise: bool = False
+    out_dtype: str | None = None
+    raw: dict = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"merge_method": self.method, "base_model": self.base_model, "models": self.models,
+                "weights": self.weights, **self.per_model, "normalize": self.normalize,
+                "rescale": self.rescale, "lambda": self.lam, "filter_wise": self.filter_wise,
+                "out_dtype": self.out_dtype}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (list, dict)):
+            raise MergeYamlError(f"{where} = {value!r}: per-tensor filters and gradients (lists) are not "
+                                 f"supported by mergelaws merge; give one number")
+        raise MergeYamlError(f"{where} = {value!r} must be a number")
+    return float(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise MergeYamlError(f"{where} = {value!r} must be true or false")
+    return value
+
+
+def parse_config(raw: Any) -> MergePlan:
+    """Validate a mergekit YAML (as a dict) and return the merge plan."""
+    if not isinstance(raw, dict):
+        raise MergeYamlError("the merge config must be a YAML mapping with merge_method, base_model and models")
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        hint = " (slices are not supported: list whole models under models)" if "slices" in unknown else ""
+        raise MergeYamlError(f"unsupported key(s) {', '.join(map(repr, unknown))}{hint}; "
+                             f"mergelaws merge understands {', '.join(TOP_KEYS)}")
+    name = raw.get("merge_method")
+    if not isinstance(name, str):
+        raise MergeYamlError("merge_method is missing; one of " + ", ".join([*METHODS, *ALIASES]))
+    method = ALIASES.get(name, name)
+    if method not in METHODS:
+        raise MergeYamlError(f"merge_method = {name!r} is not supported; supported: "
+                             f"{', '.join([*METHODS, *ALIASES])}")
+    spec = METHODS[method]
+    ts = raw.get("tokenizer_source", "base")
+    if ts != "base":
+        raise MergeYamlError(f"tokenizer_source = {ts!r} is not supported; the tokenizer is copied from the base "
+                             f"(tokenizer_source: base)")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise MergeYamlError("models must be a non-empty list of {model: PATH, parameters: {...}}")
+    shared = raw.get("parameters") or {}
+    if not isinstance(shared, dict):
+        raise MergeYamlError("parameters must be a mapping")
+    shared_keys = {"normalize", "rescale", "lambda", "int8_mask"} if method != "model_stock" else {"filter_wise"}
+    if method == "linear":
+        shared_keys = {"normalize"}
+    allowed_top = shared_keys | set(spec.model_keys)
+    bad = [k for k in shared if k not in allowed_top]
+    if bad:
+        raise MergeYamlError(f"parameters.{bad[0]} is not supported for merge_method {name!r}; allowed: "
+                             f"{', '.join(sorted(allowed_top)) or '(none)'}")
+
+    base = raw.get("base_model")
+    models, weights = [], []
+    per_model: dict[str, list[float]] = {k: [] for k in spec.model_keys if k != "weight"}
+    for j, entry in enumerate(models_raw):
+        where = f"models[{j}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise MergeYamlError(f"{where} must be a mapping with a 'model' path")
+        extra = [k for k in entry if k not in ("model", "parameters")]
+        if extra:
+            raise MergeYamlError(f"{where}.{extra[0]} is not supported; a model entry has model and parameters")
+        path = entry["model"]
+        if "+" in path and not Path(path).exists():
+            raise MergeYamlError(f"{where}.model = {path!r}: LoRA (model+lora) is not supported; merge the adapter first")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergeYamlError(f"{where}.parameters must be a mapping")
+        bad = [k for k in params if k not in spec.model_keys]
+        if bad:
+            raise MergeYamlError(f"{where}.parameters.{bad[0]} is not supported for merge_method {name!r}; "
+                                 f"per-model keys: {', '.join(spec.model_keys) or '(none)'}")
+        if "weight" in spec.model_keys:
+            if "weight" in params:
+                w = _number(params["weight"], f"{where}.parameters.weight")
+            elif "weight" in shared:
+                w = _number(shared["weight"], "parameters.weight")
+            else:
+                raise MergeYamlError(f"{where}.parameters.weight is missing (mergekit requires a weight per model "
+                                     f"for {name!r}); e.g. weight: 1.0")
+            weights.append(w)
+        else:
+            weights.append(1.0)
+        for k in per_model:
+            src, val = (f"{where}.parameters.{k}", params[k]) if k in params else \
+                (f"parameters.{k}", shared.get(k, PER_MODEL_DEFAULTS[k]))
+            v = _number(val, src)
+            if k == "density" and not 0.0 <= v <= 1.0:
+                raise MergeYamlError(f"{src} = {v!r} must be in [0, 1]")
+            if k == "density" and method == "task_arithmetic" and v != 1.0:
+                raise MergeYamlError(f"{src} = {v!r}: task_arithmetic does not sparsify (mergekit ignores density); "
+                                     f"use ties, dare_linear or breadcrumbs")
+            if k in ("gamma", "epsilon") and not 0.0 <= v < 1.0:
+                raise MergeYamlError(f"{src} = {v!r} must be in [0, 1)")
+            per_model[k].append(v)
+        models.append(path)
+    if method == "linear" and base is None:
+        base = models[0]
+    elif method == "linear" and isinstance(base, str) and base not in models:
+        # mergekit's linear merges base_model too, with the shared weight (else it stops)
+        if "weight" not in shared:
+            raise MergeYamlError("linear: mergekit merges base_model as one more member and needs its weight; "
+                                 "give parameters.weight, list the base under models, or drop base_model")
+        models.append(base)
+        weights.append(_number(shared["weight"], "parameters.weight"))
+    if not isinstance(base, str):
+        raise MergeYamlError(f"base_model is required for merge_method {name!r} (the reference theta_0)")
+    if method == "della":
+        for j, (d, e) in enumerate(zip(per_model["density"], per_model["epsilon"])):
+            if d < 1.0 and (d - e <= 0.0 or d + e >= 1.0):
+                raise MergeYamlError(f"models[{j}]: density = {d!r}, epsilon = {e!r}: density +- epsilon must lie "
+                                     f"in (0, 1) (as mergekit)")
+    if "density" in per_model and method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        for j, d in enumerate(per_model["density"]):
+            if d <= 0.0:
+                raise MergeYamlError(f"models[{j}] density = {d!r} keeps nothing; use a density in (0, 1]")
+    if method == "model_stock" and len(models) < 2:
+        raise MergeYamlError("model_stock needs at least 2 models besides the base (mergekit: 3 inputs)")
+
+    def shared_bool(key: str, default: bool) -> bool:
+        return _bool(shared[key], f"parameters.{key}") if key in shared else default
+
+    out_dtype = raw.get("out_dtype", raw.get("dtype"))
+    for key in ("dtype", "out_dtype"):
+        if key in raw and raw[key] not in DTYPES:
+            raise MergeYamlError(f"{key} = {raw[key]!r} is not supported; one of {', '.join(DTYPES)}")
+    if "int8_mask" in shared:
+        _bool(shared["int8_mask"], "parameters.int8_mask")  # no numeric effect
+    return MergePlan(
+        method=method, base_model=base, models=models, weights=weights, per_model=per_model,
+        normalize=shared_bool("normalize", spec.normalize), rescale=shared_bool("rescale", spec.rescale),
+        lam=_number(shared.get("lambda", 1.0), "parameters.lambda"),
+        filter_wise=shared_bool("filter_wise", False), out_dtype=out_dtype, raw=raw,
+    )
+
+
+def load_config(path: str | Path) -> MergePlan:
+    path = Path(path)
+    if not path.exists():
+        raise MergeYamlError(f"merge config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MergeYamlError(f"merge config {path} is not valid YAML ({exc})") from None
+    return parse_config(raw)
+
+
+def merge_tensor(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], *, seed: int = 0) -> torch.Tensor:
+    """The merged float32 tensor for one parameter (``seed`` seeds the random masks)."""
+    b = base.float()
+    deltas = torch.stack([e.to(b.device).float() - b for e in experts])
+    spec = METHODS[plan.method]
+    if plan.method == "model_stock":
+        return b + M.merge_deltas("model_stock", deltas, {"filter_wise": plan.filter_wise})
+    rescale = "l1" if plan.rescale else "none"
+    pm = plan.per_model
+    if spec.sparsify == "magnitude":
+        sparse = torch.empty_like(deltas)
+        for i in range(len(experts)):  # the registry's per-tensor trim, one model at a time
+            sparse[i] = M._trim(deltas[i:i + 1], pm["density"][i], None, None)[0]
+            if rescale == "l1":
+                sparse[i] = M._rescale_kept(deltas[i], sparse[i] != 0, 1.0, "l1")
+    elif spec.sparsify == "random":
+        sparse = M.sparsify_dare(deltas, [1.0 - d for d in pm["density"]], rescale, seed)
+    elif spec.sparsify == "outliers":
+        sparse = M.sparsify_breadcrumbs(deltas, pm["density"], pm["gamma"], rescale)
+    elif spec.sparsify == "della":
+        sparse = M.sparsify_della(deltas, pm["density"], pm["epsilon"], rescale, seed)
+    else:
+        sparse = deltas
+    weights = torch.tensor(plan.weights, dtype=torch.float32)
+    mixed = M.combine_deltas(sparse, weights, consensus=spec.consensus, normalize=plan.normalize)
+    if plan.method == "linear":
+        if plan.normalize:
+            return b + mixed
+        return b * float(weights.sum()) + mixed  # sum_i w_i theta_i
+    if plan.lam != 1.0:
+        mixed = mixed * plan.lam
+    return b + mixed
+
+
+def merge_states(plan: MergePlan, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], *,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """Merge whole float32 state dicts by ``plan``; tensor n seeded with tensor_seed(seed, "", n)."""
+    return {n: merge_tensor(plan, b, [e[n] for e in experts], seed=M.tensor_seed(seed, "", n))
+            for n, b in base.items()}
+
+
+def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, device: str = "cpu",
+              log=print) -> MergePlan:
+    """Merge the checkpoints of a mergekit YAML into the Hugging Face directory ``out`` (atomically)."""
+    from mergelaws import models
+
+    t0 = time.time()
+    plan = parse_config(config) if isinstance(config, dict) else load_config(config)
+    device = models.resolve_device(device)
+    model = models.load_model(plan.base_model, "float32", device)
+    live = models.float_state(model)
+    base_state = {n: p.detach().float().clone() for n, p in live.items()}
+    experts = []
+    for path in plan.models:
+        em = models.load_model(path, "float32", "cpu")
+        models.check_compatible(model, em, path)
+        experts.append({n: p.detach().float().to(device) for n, p in models.float_state(em).items()})
+        del em
+    merged = merge_states(plan, base_state, experts, seed=seed)
+    with torch.no_grad():
+        for n, p in live.items():
+            p.copy_(merged[n])
+    if plan.out_dtype is not None:
+        model = model.to(DTYPES[plan.out_dtype])
+    model = model.to("cpu")
+    record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw}
+    models.save_model(model, out, tokenizer_from=plan.base_model if Path(plan.base_model).is_dir() else None,
+                      extra_files={"mergelaws_merge.json": json.loads(json.dumps(record, default=str))})
+    log(f"merge {plan.method}: {len(plan.models)} models -> {out} in {time.time() - t0:.1f}s")
+    return plan
+
+
+def cmd_merge(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_merge(args.config, args.out, seed=args.seed, device=args.device)
+
+
+def add_parser(subparsers):
+    """Register `mergelaws merge CONFIG.yml OUT_DIR` on the CLI's subparsers."""
+    p = subparsers.add_parser("merge", help="merge checkpoints from a mergekit-format YAML into a HF model directory")
+    p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("out", help="output model directory (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(fn=cmd_merge)
+    return p
