@@ -318,6 +318,23 @@ def _b_grid(lo: float, hi: float, n: int = 241) -> np.ndarray:
     return lo + (hi - lo) * np.linspace(0.0, 1.0, n) ** 2
 
 
+def profile_b(ss, lo: float, hi: float) -> float:
+    """The b in [lo, hi] minimising ``ss(b)`` (the projected residual sum of squares):
+    a grid, then a bounded scalar refinement around the best grid point."""
+    grid = _b_grid(lo, hi)
+    vals = np.array([ss(b) for b in grid])
+    i = int(np.argmin(vals))
+    cands = [(vals[i], grid[i])]
+    a, c = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    if c > a:
+        res = optimize.minimize_scalar(ss, bounds=(a, c), method="bounded",
+                                       options={"xatol": 1e-12, "maxiter": 500})
+        if np.isfinite(res.fun):
+            cands.append((float(res.fun), float(res.x)))
+    # ties go to the grid point (deterministic); strictly better refinements win
+    return float(min(cands, key=lambda t: t[0])[1])
+
+
 def fit_per_size(
     k,
     y,
@@ -367,21 +384,7 @@ def fit_per_size(
         X = np.column_stack([ones, 1.0 / (kk + b)])
         return _wlstsq(X, yy, sw)
 
-    def ss(b: float) -> float:
-        return float(np.sum(solve(b)[1] ** 2))
-
-    grid = _b_grid(lo, hi)
-    vals = np.array([ss(b) for b in grid])
-    i = int(np.argmin(vals))
-    cands = [(vals[i], grid[i])]
-    a, c = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
-    if c > a:
-        res = optimize.minimize_scalar(ss, bounds=(a, c), method="bounded",
-                                       options={"xatol": 1e-12, "maxiter": 500})
-        if np.isfinite(res.fun):
-            cands.append((float(res.fun), float(res.x)))
-    # ties go to the grid point (deterministic); strictly better refinements win
-    best_ss, b = min(cands, key=lambda t: t[0])
+    b = profile_b(lambda b: float(np.sum(solve(b)[1] ** 2)), lo, hi)
     coef, _ = solve(b)
     L_inf, A = float(coef[0]), float(coef[1])
     pred = L_inf + A / (kk + b)

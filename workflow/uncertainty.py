@@ -378,21 +378,7 @@ def finite_pool_fit(k, y, M: int, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUND
             X = np.column_stack([np.ones_like(kk), shrink / (kk + b)])
             return F._wlstsq(X, yy, sw)
 
-        def ss(b):
-            return float(np.sum(solve(b)[1] ** 2))
-
-        from scipy import optimize
-        grid = F._b_grid(lo, hi)
-        vals = np.array([ss(b) for b in grid])
-        i = int(np.argmin(vals))
-        cands = [(vals[i], grid[i])]
-        a, c = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
-        if c > a:
-            res = optimize.minimize_scalar(ss, bounds=(a, c), method="bounded",
-                                           options={"xatol": 1e-12, "maxiter": 500})
-            if np.isfinite(res.fun):
-                cands.append((float(res.fun), float(res.x)))
-        _, b = min(cands, key=lambda t: t[0])
+        b = F.profile_b(lambda b: float(np.sum(solve(b)[1] ** 2)), lo, hi)
         coef, _ = solve(b)
         pred = coef[0] + coef[1] * shrink / (kk + b)
         fp.update(L_inf=float(coef[0]), A=float(coef[1]), b=float(b), r2=F._r2(yy, pred),
