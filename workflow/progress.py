@@ -21,6 +21,8 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
 
     def update(self, n: int = 1, **info) -> None:
+        if n <= 0:
+            return
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
