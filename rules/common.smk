@@ -96,9 +96,10 @@ def res(rule, key, default):
 
     def get(wildcards, attempt=1):
         size = getattr(wildcards, "size", None)
-        value = mlconfig.base_resources(CFG, rule, size).get(key, default)
-        if key in ("mem_mb", "runtime"):
-            return value * attempt  # retries get more memory and time
+        spec = mlconfig.base_resources(CFG, rule, size)
+        value = spec.get(key, default)
+        if key in ("mem_mb", "runtime"):  # retries get more memory and time, up to a cap
+            return min(value * attempt, spec.get(f"max_{key}", value * attempt))
         return value
 
     return get
