@@ -507,10 +507,28 @@ def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, i
     return n_keep, n_top
 
 
+def _smallest_mask(absv: Tensor, m: int) -> Tensor:
+    """Mask of the ``m`` smallest entries of the 1-D ``absv`` in a stable ascending
+    order (ties by flat index), i.e. the first ``m`` of ``torch.sort(absv, stable=True)``,
+    found with an O(n) ``torch.kthvalue`` selection instead of a sort."""
+    n = absv.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=absv.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=absv.device)
+    t = torch.kthvalue(absv, m).values  # m-th smallest
+    below = absv < t
+    equal = absv == t
+    quota = m - int(below.sum())
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    return below | (equal & (equal.cumsum(0, dtype=dtype) <= quota))
+
+
 def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma: float | Sequence[float],
                          rescale: str = "none") -> Tensor:
-    """Per model: sort |v| ascending (stable: ties by flat index), zero the n_top
-    largest and keep the next n_keep (see :func:`breadcrumbs_counts`), zero the rest;
+    """Per model: rank |v| ascending (stable: ties by flat index), zero the n_top
+    largest and keep the next n_keep (see :func:`breadcrumbs_counts`), zero the rest
+    (the two cut-offs are O(n) kthvalue selections, not a sort);
     rescale 'l1' or 'none' (mergekit's rescale). A model with density >= 1 is kept
     whole (mergekit returns the tensor unchanged). Parameters may be per model."""
     k = deltas.shape[0]
@@ -523,9 +541,9 @@ def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma
         flat = v.reshape(-1)
         n = flat.numel()
         n_keep, n_top = breadcrumbs_counts(n, dens[i], gams[i])
-        order = torch.sort(flat.abs(), stable=True).indices  # ascending
-        keep = torch.zeros(n, dtype=torch.bool, device=v.device)
-        keep[order[n - n_top - n_keep: n - n_top]] = True
+        absv = flat.abs()
+        hi = n - n_top  # keep ascending (stable) ranks [hi - n_keep, hi)
+        keep = _smallest_mask(absv, hi) & ~_smallest_mask(absv, hi - n_keep)
         out[i] = _rescale_kept(v, keep.reshape(v.shape), 1.0, "none" if rescale == "none" else "l1")
     return out
 
