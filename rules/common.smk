@@ -62,13 +62,21 @@ FIGURES = [
     for view in FIGURE_VIEWS
     for ext in ("png", "pdf")
 ]
+# analogues of the paper's figures 1, 3, 4a, 4b, 5 and 7, on the headline view
+FIGURES += [
+    f"{RESULTS}/figures/{name}_{CFG['fit']['view']}.{ext}"
+    for name in ("fig1_unified", "fig3_scatter", "fig4a_floor_tail", "fig4b_return")
+    + ("fig5_methods", "fig7_forecast")
+    for ext in ("png", "pdf")
+]
 
 
 def figure_outputs():
     """The figures, the PNGs marked for `snakemake --report` with their captions."""
     out = []
     for path in FIGURES:
-        kind = next(k for k in FIGURE_KINDS if os.path.basename(path).startswith(k))
+        name = os.path.basename(path)
+        kind = next((k for k in FIGURE_KINDS if name.startswith(k)), "paper_figures")
         if path.endswith(".png"):
             caption = f"../report/{kind}.rst"
             out.append(report(path, caption=caption, category="Figures"))

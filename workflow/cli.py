@@ -110,6 +110,7 @@ def cmd_figures(args) -> None:
         made += plots.plot_loss_vs_k(table, fits, view, out / f"loss_vs_k_{view}")
         made += plots.plot_variance_vs_k(table, view, out / f"variance_vs_k_{view}")
     headline = cfg["fit"]["view"]
+    made += plots.paper_figures(losses, fits, out, view=headline)  # the paper's figures, analogues
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
 
 
