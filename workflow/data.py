@@ -59,8 +59,11 @@ def _open(path: Path):
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", response_field: str = "response",
-               limit: int | None = None) -> list[tuple[str, str]]:
-    """Read (prompt, response) pairs from a JSONL(.gz) file, with errors naming file and line."""
+               limit: int | None = None, part: str | None = None) -> list[tuple[str, str]]:
+    """Read (prompt, response) pairs from a JSONL(.gz) file, with errors naming file and line,
+    or from ``hf://`` dataset URIs (see :func:`read_hub_pairs`)."""
+    if str(path).startswith("hf://"):
+        return read_hub_pairs(str(path), prompt_field, response_field, limit=limit, part=part)
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the domain's train/eval path in the config")
@@ -83,6 +86,70 @@ def read_pairs(path: str | Path, prompt_field: str = "prompt", response_field: s
     if not pairs:
         raise DataError(f"data file {path} holds no examples; a domain needs at least one prompt/response pair")
     return pairs
+
+
+# ---- hub datasets -----------------------------------------------------------------------
+
+HUB_KEYS = {"config", "split", "format", "holdout", "limit", "seed", "prompt", "response"}
+
+
+def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str = "response",
+                   limit: int | None = None, part: str | None = None) -> list[tuple[str, str]]:
+    """Pairs from one or more datasets loaded with ``datasets.load_dataset``, joined by ``|``::
+
+        hf://<dataset id or local dir>?config=..&split=train&format=messages&holdout=200&<column>=<value>
+
+    ``format=messages``: prompt = the first user turn, response = the first assistant turn of a
+    ``messages`` list; otherwise the ``prompt``/``response`` keys (or the domain's
+    prompt_field/response_field) name the columns. Any other key filters rows on a column's
+    value. ``holdout=N`` splits the (filtered, seeded-shuffled) pool: the eval part is its first
+    N rows and the train part the rest, so train and eval URIs that share the pool and N are
+    disjoint. ``limit=N`` keeps the first N rows of the part.
+    """
+    from urllib.parse import parse_qsl
+
+    out: list[tuple[str, str]] = []
+    for source in uri.split("|"):
+        spec = source[len("hf://"):] if source.startswith("hf://") else source
+        ident, _, query = spec.partition("?")
+        q = dict(parse_qsl(query, keep_blank_values=True))
+        filters = {k: v for k, v in q.items() if k not in HUB_KEYS}
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(ident, name=q.get("config"), split=q.get("split", "train"))
+        except Exception as exc:  # noqa: BLE001 - the hub's errors are many; name the source
+            raise DataError(f"dataset {source} could not be loaded ({type(exc).__name__}: {exc}); check the id, "
+                            f"config and split, and that the machine can reach the hub or its cache") from None
+        for col in filters:
+            if col not in ds.column_names:
+                raise DataError(f"dataset {source}: no column '{col}' to filter on (columns: "
+                                f"{', '.join(ds.column_names)}); remove '{col}=' or name an existing column")
+        rows = [r for r in ds if all(str(r[c]) == v for c, v in filters.items())]
+        if "holdout" in q:
+            import random as _random
+
+            order = list(range(len(rows)))
+            _random.Random(f"mergelaws-holdout:{q.get('seed', '0')}").shuffle(order)
+            n = int(q["holdout"])
+            pick = order[:n] if part == "eval" else order[n:]
+            rows = [rows[i] for i in pick]
+        if "limit" in q:
+            rows = rows[: int(q["limit"])]
+        pf, rf = q.get("prompt", prompt_field), q.get("response", response_field)
+        for r in rows:
+            if q.get("format") == "messages":
+                msgs = r.get("messages") or []
+                user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
+                bot = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)
+            else:
+                user, bot = r.get(pf), r.get(rf)
+            if isinstance(user, str) and isinstance(bot, str):
+                out.append((user, bot))
+    if not out:
+        raise DataError(f"{uri} gives no prompt/response pairs for the {part or 'requested'} part; check its "
+                        f"filters, holdout and format")
+    return out[:limit] if limit is not None else out
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[Example | None, bool]:
@@ -127,7 +194,7 @@ def encode_plain(tokenizer, texts, max_len: int) -> list[Example]:
 def load_domain(cfg: dict, domain: str, split: str, tokenizer, max_len: int,
                 limit: int | None = None) -> Encoded:
     spec = cfg["domains"][domain]
-    pairs = read_pairs(spec[split], spec["prompt_field"], spec["response_field"], limit=limit)
+    pairs = read_pairs(spec[split], spec["prompt_field"], spec["response_field"], limit=limit, part=split)
     enc = encode_pairs(tokenizer, pairs, max_len)
     if not enc.examples:
         raise DataError(f"domain '{domain}' ({spec[split]}) has no usable {split} example after "

@@ -35,7 +35,7 @@ def run_eval(model_dir: str | Path, data_files: list[str], out: str | Path, max_
     results: dict[str, dict] = {}
     t0 = time.time()
     for f in data_files:
-        pairs = D.read_pairs(f, prompt_field, response_field, limit=max_examples)
+        pairs = D.read_pairs(f, prompt_field, response_field, limit=max_examples, part="eval")
         enc = D.encode_pairs(tok, pairs, max_len)
         if not enc.examples:
             raise D.DataError(f"data file {f} has no usable example after truncation to {max_len} tokens; "

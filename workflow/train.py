@@ -74,7 +74,8 @@ def mixture_texts(cfg: dict, limit_per_domain: int | None = None) -> list[str]:
     per = []
     for d in grid.domains(cfg):
         spec = cfg["domains"][d]
-        pairs = D.read_pairs(spec["train"], spec["prompt_field"], spec["response_field"], limit=limit_per_domain)
+        pairs = D.read_pairs(spec["train"], spec["prompt_field"], spec["response_field"], limit=limit_per_domain,
+                           part="train")
         per.append([f"{p}\n{r}" for p, r in pairs])
     out = []
     for i in range(max(len(p) for p in per)):
