@@ -236,6 +236,17 @@ def _weights(k: np.ndarray, weights: Any, sem: np.ndarray | None) -> tuple[np.nd
     return w, "custom"
 
 
+def _weights_into(out: dict, k: np.ndarray, weights: Any, sem: np.ndarray | None) -> np.ndarray | None:
+    """The fit weights, recording the scheme in ``out``; None (reason in ``out``) if invalid."""
+    try:
+        w, scheme = _weights(k, weights, sem)
+    except ValueError as e:
+        out["reason"] = str(e)
+        return None
+    out["weights"] = scheme
+    return w
+
+
 def _wlstsq(X: np.ndarray, y: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares with column normalisation; returns (coef, weighted residual)."""
     Xw = X * sw[:, None]
@@ -368,12 +379,9 @@ def fit_per_size(
     if out["n_k"] < 3:
         out["reason"] = f"need >= 3 distinct k >= 1 to fit 3 parameters, got {out['n_k']}"
         return out
-    try:
-        w, scheme = _weights(kk, weights, s)
-    except ValueError as e:
-        out["reason"] = str(e)
+    w = _weights_into(out, kk, weights, s)
+    if w is None:
         return out
-    out["weights"] = scheme
     if np.count_nonzero(w > 0) < 3:
         out["reason"] = "fewer than 3 points with positive weight"
         return out
@@ -505,12 +513,9 @@ def fit_unified(
     if kk.size < 6:
         out["reason"] = f"need >= 6 points for 6 parameters, got {kk.size}"
         return out
-    try:
-        w, scheme = _weights(kk, weights, s)
-    except ValueError as e:
-        out["reason"] = str(e)
+    w = _weights_into(out, kk, weights, s)
+    if w is None:
         return out
-    out["weights"] = scheme
     sw = np.sqrt(w)
     logN = np.log(NN)
     names = ["beta", "gamma", "b"]
