@@ -1,25 +1,33 @@
-"""Time the fused sweep's merges against one-merge-at-a-time merges that re-read the experts.
+"""Time the sweep's merge engine (merge.SubsetMerger) against merging one subset at a time.
 
 Usage (from the repo root, venv active)::
 
     python benchmarks/bench_sweep.py                          # data/bases/xs, all 511 non-empty subsets of 9
-    python benchmarks/bench_sweep.py --size m --sample 64     # data/bases/m, a seeded sample of 64 subsets
+    python benchmarks/bench_sweep.py --size m                 # data/bases/m (1.7M params)
+    python benchmarks/bench_sweep.py --size m --sample 64     # a seeded sample of 64 subsets
     python benchmarks/bench_sweep.py --ties-density 0.2       # ties with trimming (config default: 1.0)
 
 Nine experts are made by deterministic perturbation of the base (seeded N(0, 0.01^2) noise, one seed
-per expert) and saved as safetensors model directories in a temporary directory.
+per expert) and saved as safetensors model directories in a temporary directory. For each method:
 
-(a) fused, as ``mergelaws.sweep.run_sweep`` does it: load the base and the nine experts once
-    (``models.load_model``), then ``merge.merge_state_dicts`` for every subset in memory;
-(b) one merge at a time: for every subset, ``safetensors.torch.load_file`` the base and the
-    subset's k experts, then the same ``merge_state_dicts``.
+(a) one at a time: for every subset, ``safetensors.torch.load_file`` the base and the subset's k
+    experts, then ``merge.merge_state_dicts`` (what a loop over single merges costs);
+(b) fused, direct: load the base and the nine experts once, then ``merge_state_dicts`` for every
+    subset in memory (the sweep's engine before sum reuse);
+(c) SubsetMerger in memory, as ``mergelaws.sweep.run_sweep`` uses it when the budget allows: task
+    vectors held, subsets in ``merge.reuse_order``; average/task_arithmetic move a running sum from
+    subset to subset (add the experts that join, subtract those that leave), other methods merge
+    directly;
+(d) SubsetMerger streaming from the safetensors files (the small-budget mode): nothing held but
+    the running sum; each merge reads what it needs, tensor by tensor.
 
-Merges only -- no evaluation and no checkpoint written, in either. Bytes read are the sizes of the
-safetensors files each approach opens (the OS page cache serves repeated reads here, so (b)'s wall
-time understates what it costs on a cold or network disk). The two merged state dicts are checked
-bit-identical on a few subsets. Methods take their parameters from config.yaml (ties density 1.0,
-as the paper's Table 1) unless --ties-density is given. Threads: --threads (default 1). The machine
-is shared: read the ratios, not the seconds. Prints a markdown table.
+Merges only -- no evaluation and no checkpoint written. Bytes read are the sizes of the safetensors
+files each approach opens ((a), (b), (c)) or the tensor bytes it reads ((d)). (b)-(d) are checked
+against (a): bit-identical for every method but average (fp32 rounding, max abs diff printed). The
+OS page cache serves repeated reads, so (a)'s and (d)'s wall times understate what they cost on a
+cold or network disk. Methods take their parameters from config.yaml (ties density 1.0, the paper's
+Table 1) unless --ties-density is given. Threads: --threads (default 1). The machine is shared: read
+the ratios, not the seconds. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -88,14 +96,29 @@ def main() -> None:
         dirs = make_experts(base_dir, Path(td), names)
         base_file, expert_files = weights_file(base_dir), [weights_file(d) for d in dirs]
         size_of = {p: p.stat().st_size for p in [base_file, *expert_files]}
+        all_bytes = size_of[base_file] + sum(size_of[f] for f in expert_files)
         n_params = None
         for method in args.methods:
             params = dict(cfg["methods"].get(method, {}))
             if method == "ties" and args.ties_density is not None:
                 params["density"] = args.ties_density
             merge.resolve_params(method, params)
+            sid = {s: "-".join(names[i] for i in s) for s in subsets}
+            res = {}
 
-            # (a) fused: load once, merge every subset in memory
+            # (a) one merge at a time, each re-reading base and experts from disk
+            t0 = time.perf_counter()
+            ref, a_bytes = {}, 0
+            for j, s in enumerate(subsets):
+                b = load_file(str(base_file))
+                es = [load_file(str(expert_files[i])) for i in s]
+                a_bytes += size_of[base_file] + sum(size_of[expert_files[i]] for i in s)
+                out = merge.merge_state_dicts(method, b, es, params, seed=seed, subset_id=sid[s])
+                if j % max(1, len(subsets) // 8) == 0:
+                    ref[s] = out
+            res["a"] = (0.0, time.perf_counter() - t0, a_bytes, None)
+
+            # (b) fused, direct: load once, merge_state_dicts per subset
             t0 = time.perf_counter()
             model = models.load_model(base_dir, "float32", "cpu")
             base_state = {n: p.detach().float().clone() for n, p in models.float_state(model).items()}
@@ -106,47 +129,73 @@ def main() -> None:
                 del em
             t_load = time.perf_counter() - t0
             n_params = models.count_params(model)
-            fused_bytes = size_of[base_file] + sum(size_of[f] for f in expert_files)
-            check = {}
             t1 = time.perf_counter()
-            for j, s in enumerate(subsets):
-                sid = "-".join(names[i] for i in s)
-                out = merge.merge_state_dicts(method, base_state, [experts[i] for i in s], params, seed=seed,
-                                              subset_id=sid)
-                if j % max(1, len(subsets) // 4) == 0:
-                    check[s] = out
-            t_fused = time.perf_counter() - t0
-            t_fused_merge = time.perf_counter() - t1
-
-            # (b) one merge at a time, each re-reading base and experts from disk
-            t0 = time.perf_counter()
-            unfused_bytes = 0
+            diff = 0.0
             for s in subsets:
-                sid = "-".join(names[i] for i in s)
-                b = load_file(str(base_file))
-                es = [load_file(str(expert_files[i])) for i in s]
-                unfused_bytes += size_of[base_file] + sum(size_of[expert_files[i]] for i in s)
-                out = merge.merge_state_dicts(method, b, es, params, seed=seed, subset_id=sid)
-                if s in check:
-                    ref = check[s]
-                    assert set(out) >= set(ref), (sorted(set(ref) - set(out))[:3])
-                    bad = [n for n in ref if not torch.equal(ref[n], out[n])]
-                    assert not bad, f"{method} {sid}: fused and one-at-a-time merges differ at {bad[:3]}"
-            t_unfused = time.perf_counter() - t0
-            n = len(subsets)
-            rows.append((method, params, n, t_load, t_fused_merge / n, t_fused / n, t_unfused / n,
-                         fused_bytes, unfused_bytes))
+                out = merge.merge_state_dicts(method, base_state, [experts[i] for i in s], params, seed=seed,
+                                              subset_id=sid[s])
+                if s in ref:
+                    diff = max(diff, check(ref[s], out, exact=True))
+            res["b"] = (t_load, time.perf_counter() - t1, all_bytes, None)
+
+            # (c), (d): the SubsetMerger, in memory and streaming
+            order = merge.reuse_order([[names[i] for i in s] for s in subsets])
+            for label, mode in (("c", "memory"), ("d", "stream")):
+                t0 = time.perf_counter()
+                base_src = merge.SafetensorsSource(base_dir)
+                merger = merge.SubsetMerger(method, params, base_src, seed=seed, mode=mode,
+                                            names=list(base_state))
+                for name, d in zip(names, dirs):
+                    merger.add_expert(name, merge.SafetensorsSource(d))
+                t_load = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                err = 0.0
+                for i in order:
+                    s = subsets[i]
+                    out = merger.merge([names[j] for j in s], sid[s])
+                    if s in ref:
+                        err = max(err, check(ref[s], out, exact=not merger.reuses_sums))
+                c = merger.cost
+                res[label] = (t_load, time.perf_counter() - t1,
+                              all_bytes if mode == "memory" else merger.bytes_read(), (c, err))
+            rows.append((method, params, len(subsets), res))
             print(f"{method}: done", file=sys.stderr, flush=True)
 
     sample = f"a seeded sample of {len(subsets)} of the {n_all}" if len(subsets) < n_all else f"all {n_all}"
     print(f"\n### Sweep merges, {len(names)} experts of data/bases/{args.size} ({n_params / 1e6:.2f}M params), "
           f"{sample} non-empty subsets, {args.threads} thread(s), merges only\n")
-    print("| method | subsets | fused load s (once) | fused s/merge (merge only) | fused s/merge (load amortised) "
-          "| one-at-a-time s/merge | time ratio | fused MB read | one-at-a-time MB read | bytes ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (method, params, n, tl, tfm, tf, tu, bf, bu) in rows:
-        print(f"| {method} {params or ''} | {n} | {tl:.2f} | {tfm:.4f} | {tf:.4f} | {tu:.4f} | {tu / tf:.1f}x "
-              f"| {bf / 1e6:.1f} | {bu / 1e6:.1f} | {bu / bf:.1f}x |")
+    print("| method | approach | load s (once) | s/merge | vs one-at-a-time | vs fused direct | MB read "
+          "| expert-sized steps | max abs diff vs (a) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    what = {"a": "(a) one at a time", "b": "(b) fused, direct", "c": "(c) SubsetMerger, in memory",
+            "d": "(d) SubsetMerger, streaming"}
+    for method, params, n, res in rows:
+        ta, tb = res["a"][1] / n, res["b"][1] / n
+        for label in "abcd":
+            tl, tm, nbytes, extra = res[label]
+            per = tm / n
+            if extra is None:
+                steps = f"sum of k = {sum(len(s) for s in subsets)}"
+                err = "(reference)" if label == "a" else "0 (bit-identical)"
+            else:
+                c, e = extra
+                steps = (f"{c.updates} add/sub + {c.anchors} fresh sums" if c.anchors or c.updates
+                         else f"sum of k = {sum(len(s) for s in subsets)}")
+                err = f"{e:.1e}" if e else "0 (bit-identical)"
+            print(f"| {method} {params or ''} | {what[label]} | {tl:.2f} | {per:.4f} | {ta / per:.1f}x "
+                  f"| {tb / per:.2f}x | {nbytes / 1e6:.1f} | {steps} | {err} |")
+
+
+def check(ref: dict, out: dict, exact: bool) -> float:
+    """Max abs difference of two merged state dicts; asserts equality when ``exact``."""
+    assert set(out) >= set(ref), sorted(set(ref) - set(out))[:3]
+    diff = max(float((ref[n].float() - out[n].float()).abs().max()) for n in ref)
+    if exact:
+        bad = [n for n in ref if not torch.equal(ref[n], out[n])]
+        assert not bad, f"merges differ at {bad[:3]}"
+    else:
+        assert diff < 1e-5, diff
+    return diff
 
 
 if __name__ == "__main__":

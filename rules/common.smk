@@ -39,6 +39,9 @@ def _write_resolved():
 
 _write_resolved()
 
+# conda env of the train rule (--software-deployment-method conda); OpenRLHF has its own
+TRAIN_ENV = "../envs/train-openrlhf.yaml" if CFG["train"]["backend"] == "openrlhf" else "../envs/mergelaws.yaml"
+
 
 def _alternation(names):
     return "|".join(re.escape(n) for n in names)
@@ -48,6 +51,7 @@ wildcard_constraints:
     size=_alternation(SIZES),
     domain=_alternation(DOMAINS),
     method=_alternation(METHODS),
+    shard=r"\d+of\d+",
 
 
 EXPERTS = [f"{grid.expert_dir(CFG, s, d)}/config.json" for s in SIZES for d in DOMAINS]
@@ -102,13 +106,8 @@ def expert_inputs(wildcards):
 def res(rule, key, default):
     """A resource from config: resources.default < resources.<rule> < bases.<size>.resources."""
 
-    def get(wildcards, attempt=1):
-        size = getattr(wildcards, "size", None)
-        spec = mlconfig.base_resources(CFG, rule, size)
-        value = spec.get(key, default)
-        if key in ("mem_mb", "runtime"):  # retries get more memory and time, up to a cap
-            return min(value * attempt, spec.get(f"max_{key}", value * attempt))
-        return value
+    def get(wildcards, attempt=1):  # retries get more memory and time, up to a cap
+        return mlconfig.resource(CFG, rule, getattr(wildcards, "size", None), key, default, attempt)
 
     return get
 

@@ -6,6 +6,9 @@ rule fit:
         LOSSES[0],
     output:
         FITS,
+        # the unified law with bootstrap intervals and held-out-size check; variance laws
+        multiext(f"{RESULTS}/fits/unified", ".parquet", ".csv"),
+        multiext(f"{RESULTS}/fits/variance", ".parquet", ".csv"),
     params:
         config=RESOLVED,
         fit=CFG["fit"],

@@ -1,5 +1,6 @@
-# The fused sweep: one job per (size, method) merges every subset in memory and evaluates
-# it on every domain; the losses of all sweeps are aggregated into one table.
+# The fused sweep: one job per (size, method, shard) merges its subsets in memory and evaluates
+# each on every domain; the losses of all sweeps are aggregated into one table. Shards
+# (sweep.shards, bases.<size>.sweep.shards) deal the subsets round-robin into several jobs.
 
 
 rule sweep:
@@ -7,11 +8,11 @@ rule sweep:
         base=base_input,
         experts=expert_inputs,
     output:
-        f"{RESULTS}/sweeps/{{size}}/{{method}}.parquet",
+        f"{RESULTS}/sweeps/{{size}}/{{method}}/{{shard}}.parquet",
     params:
         config=RESOLVED,
         method=lambda wc: CFG["methods"][wc.method],
-        sweep=CFG["sweep"],
+        sweep=lambda wc: grid.sweep_settings(CFG, wc.size),
         evaluation=CFG["eval"],
         seed=CFG["seed"],
     threads: threads_for("sweep")
@@ -20,17 +21,17 @@ rule sweep:
         runtime=res("sweep", "runtime", 120),
         gpu=res("sweep", "gpu", 0),
     log:
-        f"{RESULTS}/logs/sweep/{{size}}/{{method}}.log",
+        f"{RESULTS}/logs/sweep/{{size}}/{{method}}/{{shard}}.log",
     conda:
         "../envs/mergelaws.yaml"
     shell:
         "mergelaws sweep --config {params.config} --size {wildcards.size} --method {wildcards.method} "
-        "--out {output} --threads {threads} 2>&1 | tee {log}"
+        "--shard {wildcards.shard} --out {output} --threads {threads} 2>&1 | tee {log}"
 
 
 rule aggregate:
     input:
-        expand(f"{RESULTS}/sweeps/{{size}}/{{method}}.parquet", size=SIZES, method=METHODS),
+        grid.sweep_files(CFG),
     output:
         parquet=LOSSES[0],
         csv=LOSSES[1],

@@ -17,10 +17,11 @@ rule train:
         mem_mb=res("train", "mem_mb", 4000),
         runtime=res("train", "runtime", 60),
         gpu=res("train", "gpu", 0),
+        nodes=res("train", "nodes", 1),
     log:
         f"{RESULTS}/logs/train/{{size}}/{{domain}}.log",
     conda:
-        "../envs/mergelaws.yaml"
+        TRAIN_ENV
     shell:
         "mergelaws train --config {params.config} --size {wildcards.size} --domain {wildcards.domain} "
         "--out {params.out} --threads {threads} 2>&1 | tee {log}"

@@ -115,10 +115,10 @@ def test_truncated_safetensors_is_refused_with_the_fix(xs_copy):
         models.load_model(xs_copy)
 
 
-def test_directory_without_weights_and_pickle_checkpoints(xs_copy):
+def test_directory_without_weights(xs_copy):
     from mergelaws import models
 
-    (xs_copy / "model.safetensors").rename(xs_copy / "pytorch_model.bin")
+    (xs_copy / "model.safetensors").unlink()
     with pytest.raises(models.ModelError, match="no \\*.safetensors weights; mergelaws loads safetensors only"):
         models.load_model(xs_copy)
     (xs_copy / "config.json").unlink()
@@ -207,3 +207,174 @@ def test_same_config_and_seed_train_the_same_expert(trained):
     a = load_file(work / "results" / "experts" / "xs" / "algebra" / "model.safetensors")
     b = load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- a kill at the worst moment of every step leaves nothing that looks complete -----------
+
+def _steps(work: Path, cfgfile: Path, root: Path):
+    """Each CLI step of the workflow with the files it writes, in the order it writes them."""
+    r = work / "steps"
+    tiny = work / "tiny.yaml"
+    cfg = yaml.safe_load(cfgfile.read_text())
+    cfg["bases"]["t"] = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
+                         "pretrain": {"steps": 3, "batch_size": 2, "seq_len": 32}}
+    tiny.write_text(yaml.safe_dump(cfg))
+    c = ["--config", str(cfgfile)]
+    data = root / "data" / "domains" / "quotes" / "eval.jsonl.gz"
+    merge_yaml = work / "merge.yaml"
+    merge_yaml.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(root / "data" / "bases" / "xs"),
+        "models": [{"model": str(work / "results" / "experts" / "xs" / d), "parameters": {"density": 0.5, "weight": 1.0}}
+                   for d in DOMAINS[:2]]}))
+    return [
+        ("tokenizer", ["tokenizer", "--config", str(tiny), "--out", str(r / "tok")], [r / "tok"]),
+        ("pretrain", ["pretrain", "--config", str(tiny), "--size", "t", "--tokenizer", str(root / "data" / "tokenizer"),
+                      "--out", str(r / "bases" / "t"), "--threads", "1"], [r / "bases" / "t"]),
+        ("train", ["train", *c, "--size", "xs", "--domain", "quotes", "--out", str(r / "experts" / "quotes"),
+                   "--threads", "1"], [r / "experts" / "quotes"]),
+        ("sweep", ["sweep", *c, "--size", "xs", "--method", "dare", "--out", str(r / "sweeps" / "1of1.parquet"),
+                   "--threads", "1"], [r / "sweeps" / "1of1.parquet"]),
+        ("aggregate", ["aggregate", str(r / "sweeps" / "1of1.parquet"), "--out", str(r / "losses.parquet")],
+         [r / "losses.parquet", r / "losses.csv"]),
+        ("fit", ["fit", str(r / "losses.parquet"), *c, "--out", str(r / "fits")],
+         [r / "fits" / "fits.json", r / "fits" / "summary.csv"]),
+        ("plan", ["plan", str(r / "losses.parquet"), "--fits", str(r / "fits" / "fits.json"), *c, "--n-boot", "20",
+                  "--out", str(r / "plan")], [r / "plan" / "plan.json", r / "plan" / "plan.md"]),
+        ("figures", ["figures", "--losses", str(r / "losses.parquet"), "--fits", str(r / "fits" / "fits.json"), *c,
+                     "--out", str(r / "figures")],
+         [r / "figures" / "loss_vs_k_in_domain.png", r / "figures" / "fig1_unified_cross_domain.pdf"]),
+        ("eval", ["eval", "--model", str(root / "data" / "bases" / "xs"), "--data", str(data),
+                  "--out", str(r / "eval.json")], [r / "eval.json"]),
+        ("merge", ["merge", str(merge_yaml), str(r / "merged")], [r / "merged"]),
+    ]
+
+
+def _looks_complete(path: Path) -> None:
+    from mergelaws import models
+
+    if path.suffix == ".parquet":
+        assert len(pd.read_parquet(path))
+    elif path.suffix == ".csv":
+        assert len(pd.read_csv(path))
+    elif path.suffix == ".json":
+        assert json.loads(path.read_text())
+    elif path.suffix == ".md":
+        assert path.read_text().strip()
+    elif path.suffix in (".png", ".pdf"):
+        assert path.read_bytes()[:5] in (b"\x89PNG\r", b"%PDF-")
+    elif (path / "model.safetensors").exists():
+        models.load_model(path)
+    else:  # the tokenizer
+        models.load_tokenizer(path)
+
+
+def test_a_kill_before_any_rename_leaves_no_complete_looking_output(trained, root):
+    """SIGKILL injected at the worst moment -- the output fully written under its temp name, not
+    yet renamed -- for every file every step writes; then the rerun completes and cleans up."""
+    from mergelaws.io import FAULT_ENV
+
+    work, cfgfile = trained
+    tried = []
+    for step, argv, outputs in _steps(work, cfgfile, root):
+        for target in outputs:
+            env = {**os.environ, FAULT_ENV: target.name}
+            proc = _cli(*argv, env=env)
+            assert proc.returncode == -signal.SIGKILL, (step, target, proc.stderr[-2000:])
+            assert not target.exists(), f"{step}: {target} exists after a kill before its rename"
+            tried.append(f"{step}:{target.name}")
+        proc = _cli(*argv)
+        assert proc.returncode == 0, (step, proc.stderr[-2000:])
+        for target in outputs:
+            _looks_complete(target)
+            leftovers = list(target.parent.glob(f".{target.name}.tmp-*"))
+            assert not leftovers, f"{step}: temp files left beside {target}: {leftovers}"
+    print(f"\nkilled before the rename of {len(tried)} outputs: {', '.join(tried)}")
+    assert len(tried) >= 14
+
+
+class _Payload:
+    """A pickle that runs code when unpickled (what a hostile .bin checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_bin_checkpoints_are_opt_in_and_never_run_code(xs_copy, tmp_path, root):
+    import torch
+    from safetensors.torch import load_file
+
+    from mergelaws import models
+
+    state = load_file(xs_copy / "model.safetensors")
+    (xs_copy / "model.safetensors").unlink()
+    torch.save(state, xs_copy / "pytorch_model.bin")
+    # refused by default, with the two fixes named
+    with pytest.raises(models.ModelError, match=r"only pickle \(\.bin\) weights.*allow_bin_checkpoints: true"):
+        models.load_model(xs_copy)
+    # opted in: the same weights as the safetensors original, read with weights_only=True
+    got = models.load_model(xs_copy, allow_bin=True)
+    ref = models.load_model(root / "data" / "bases" / "xs")
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, ref(ids).logits)
+    # a hostile pickle is refused even when opted in, and its code never runs
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, xs_copy / "pytorch_model.bin")
+    with pytest.raises(models.ModelError, match="not a plain tensor checkpoint.*weights_only=True"):
+        models.load_model(xs_copy, allow_bin=True)
+    assert not marker.exists()
+    # the CLI: refused without --allow-bin, named in the message
+    torch.save(state, xs_copy / "pytorch_model.bin")
+    data = root / "data" / "domains" / "quotes" / "eval.jsonl.gz"
+    proc = _cli("eval", "--model", str(xs_copy), "--data", str(data), "--max-examples", "4",
+                "--out", str(tmp_path / "e.json"))
+    assert proc.returncode != 0 and "--allow-bin" in proc.stderr
+    proc = _cli("eval", "--model", str(xs_copy), "--data", str(data), "--max-examples", "4", "--allow-bin",
+                "--out", str(tmp_path / "e.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_overlong_eval_examples_are_truncated_by_the_rule_and_counted(trained, tmp_path, root):
+    """Eval examples longer than eval.max_len are truncated by the documented rule (at most half
+    prompt, then the response's beginning), so none is left without a response token; the
+    counts are logged and the sweep table carries `examples` and `skipped`; losses stay finite.
+    (An example emptied by truncation -- only possible with max_len < 2 -- is skipped and
+    counted: tests/test_data_eval.py.)"""
+    import gzip
+
+    from mergelaws import config, grid
+    from mergelaws.sweep import run_sweep
+
+    work, cfgfile = trained
+    cfg = config.load(cfgfile)
+    src = root / "data" / "domains" / "quotes" / "eval.jsonl.gz"
+    lines = gzip.open(src, "rt").read().splitlines()[:10]
+    long_prompt = json.dumps({"prompt": "word " * 400, "response": "an answer that will not fit"})
+    ev = tmp_path / "quotes_eval.jsonl"
+    ev.write_text("\n".join(lines + [long_prompt, long_prompt]) + "\n")
+    cfg["domains"]["quotes"]["eval"] = str(ev)
+    cfg["eval"]["max_examples"] = None
+    cfg["sweep"]["k"] = [0, 1]
+    experts = {d: grid.expert_dir(cfg, "xs", d) for d in DOMAINS}
+    logs = []
+    table = run_sweep(cfg, "xs", "dare", tmp_path / "t.parquet", expert_dirs=experts, log=logs.append)
+    q = table[table.eval_domain == "quotes"]
+    assert (q["examples"] == 12).all() and (q["skipped"] == 0).all()
+    assert table["loss"].notna().all() and (table["status"] == "ok").all()
+    assert any("eval set quotes" in line and "truncated" in line and "0 skipped" in line for line in logs)
+
+
+def test_an_example_emptied_by_truncation_is_skipped_counted_and_never_nan(tokenizer, xs_model):
+    from mergelaws import data as D
+    from mergelaws.evaluate import evaluate_examples
+
+    pairs = [("What is two plus two?", "Four.")] * 3
+    enc = D.encode_pairs(tokenizer, pairs, max_len=1)  # no room for any target token
+    assert enc.examples == [] and enc.skipped == 3 and enc.truncated == 3
+    res = evaluate_examples(xs_model, enc.examples, pad_id=tokenizer.pad_token_id)
+    assert res.tokens == 0 and res.nll == 0.0  # nothing evaluated, no NaN accumulated
+    enc = D.encode_pairs(tokenizer, pairs + [("hi", "x" * 50)], max_len=8)
+    assert enc.skipped == 0 and len(enc.examples) == 4 and enc.truncated >= 1

@@ -330,7 +330,7 @@ def test_fit_all_recovers_domain_view_and_is_deterministic():
     b = F.fit_all(losses.sample(frac=1.0, random_state=1), views=views)
     assert a == b
     json.dumps(a, allow_nan=False)  # strict JSON
-    assert set(a) == {"per_size", "unified", "settings"}
+    assert set(a) == {"per_size", "unified", "variance", "settings"}
     # 2 methods x 3 views x 4 sizes
     assert len(a["per_size"]) == 24 and len(a["unified"]) == 6
     # domain:code follows the law exactly (k = 1..4 only: 4 points, 3 parameters)
@@ -404,3 +404,312 @@ def test_unified_floor_linear_in_logN_stays_nonnegative():
     assert out["r2"] > 0.99
     if out["L_star"] == 0:
         assert "L_star" in out["at_bound"]
+
+
+# ------------------------------------------------------------------ Huber loss
+
+
+def test_huber_helpers():
+    r = np.array([-3.0, -0.5, 0.0, 0.5, 3.0])
+    np.testing.assert_allclose(F.huber_rho(r, 1.0), [2.5, 0.125, 0.0, 0.125, 2.5])
+    np.testing.assert_allclose(F.huber_weights(r, 1.0), [1 / 3, 1, 1, 1, 1 / 3])
+    # MAD about zero, scaled to a normal sd
+    assert F.robust_scale([1.0, -1.0, 2.0]) == pytest.approx(1.0 / 0.6744897501960817)
+    for bad in [("huberish", None), ("huber", 0.0), ("huber", -1.0), ("huber", float("nan"))]:
+        with pytest.raises(ValueError):
+            F.check_loss(*bad)
+    F.check_loss("huber", 0.01)
+    F.check_loss("linear", None)
+    with pytest.raises(ValueError):
+        F.fit_per_size(KS, KS * 1.0, loss="l1")
+
+
+def test_huber_resists_outlier_cell_per_size():
+    """One bad k (a failed merge batch, a mis-scored cell) drags the least-squares fit; the
+    Huber fit stays on the curve of the other points and says which k it downweighted."""
+    true = {"L_inf": 0.5, "A": 0.3, "b": 0.4}
+    y = true["L_inf"] + true["A"] / (KS + true["b"])
+    y = y + np.random.default_rng(0).normal(0.0, 0.002, KS.size)
+    bad = y.copy()
+    bad[6] += 0.05  # k = 7
+    ls = F.fit_per_size(KS, bad)
+    hub = F.fit_per_size(KS, bad, loss="huber")
+    clean = F.fit_per_size(KS, y)
+    assert ls["loss"] == "linear" and ls["irls"] is None and ls["downweighted"] == []
+    assert hub["loss"] == "huber" and hub["irls"]["converged"] and 7 in hub["downweighted"]
+    assert hub["f_scale"] > 0
+    # least squares is pulled off by the outlier; Huber is not
+    assert abs(ls["L_inf"] - true["L_inf"]) > 0.015
+    assert abs(hub["L_inf"] - true["L_inf"]) < 0.004
+    assert abs(hub["L_inf"] - clean["L_inf"]) < abs(ls["L_inf"] - clean["L_inf"]) / 5
+    ok = np.arange(KS.size) != 6
+    pred = lambda f: F.predict_per_size(f, KS)[ok]  # noqa: E731
+    assert np.max(np.abs(pred(hub) - y[ok])) < 0.006 < np.max(np.abs(pred(ls) - y[ok]))
+    # a threshold above every residual is least squares
+    big = F.fit_per_size(KS, bad, loss="huber", f_scale=10.0)
+    assert big["downweighted"] == [] and big["L_inf"] == pytest.approx(ls["L_inf"], rel=1e-12)
+    # a fixed threshold also isolates the outlier
+    fixed = F.fit_per_size(KS, bad, loss="huber", f_scale=0.005)
+    assert fixed["downweighted"] == [7] and fixed["f_scale"] == 0.005
+    assert abs(fixed["L_inf"] - true["L_inf"]) < 0.004
+
+
+def test_huber_resists_outlier_cell_unified():
+    """Paper sizes x k = 1..9 from Table 3 (code) with a little noise; one (32B, k=8) cell
+    shifted by +0.05: the least-squares unified fit moves, the Huber fit does not."""
+    p = TABLE3["code"]
+    N, K = grid()
+    truth = law(p, N, K)
+    y = truth + np.random.default_rng(1).normal(0.0, 0.001, truth.size)
+    cell = (N == 32.0) & (K == 8)
+    bad = y.copy()
+    bad[cell] += 0.05
+    ls = F.fit_unified(N, K, bad)
+    hub = F.fit_unified(N, K, bad, loss="huber")
+    assert ls["converged"] and hub["converged"] and hub["irls"]["converged"]
+    assert [32.0, 8] in hub["downweighted"]
+    others = ~cell
+    err_ls = np.max(np.abs(F.predict_unified(ls, N, K) - truth)[others])
+    err_hub = np.max(np.abs(F.predict_unified(hub, N, K) - truth)[others])
+    assert err_hub < 0.004 < err_ls
+    assert err_hub < err_ls / 3
+    # the floor at 32B and the tail amplitude stay close to the published law
+    floor = lambda f: f["L_star"] + f["B"] * 32.0 ** -f["beta"]  # noqa: E731
+    assert abs(floor(hub) - (p[0] + p[1] * 32.0 ** -p[2])) < 0.003
+    assert hub["A0"] == pytest.approx(p[3], rel=0.15)
+
+
+def test_fit_all_huber_is_recorded_and_used():
+    sizes = (("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0))
+    losses = synthetic_losses(sizes=sizes, methods=("avg",))
+    bump = (losses["size"] == "m") & (losses["k"] == 3)
+    losses.loc[bump, "loss"] += 0.05  # one bad (size, k) cell in every view
+    lin = F.fit_all(losses, views=("domain:code",))
+    hub = F.fit_all(losses, views=("domain:code",), loss="huber")
+    assert hub["settings"]["loss"] == "huber" and hub["settings"]["f_scale"] is None
+    assert lin["settings"]["loss"] == "linear" and lin["settings"]["f_scale"] is None
+    assert all(f["loss"] == "huber" for f in hub["per_size"] + hub["unified"])
+    assert all(f["loss"] == "linear" and f["irls"] is None for f in lin["per_size"] + lin["unified"])
+    # domain:code follows the code law exactly except for the bad cell: the unified Huber fit
+    # (16 points, 6 parameters) isolates it, least squares spreads it over every size
+    uh, ul = hub["unified"][0], lin["unified"][0]
+    assert [3.0, 3] in uh["downweighted"]
+    N = np.repeat([0.5, 3.0, 14.0, 72.0], 4)
+    K = np.tile(np.arange(1, 5), 4).astype(float)
+    truth = law(TABLE3["code"], N, K)
+    ok = ~((N == 3.0) & (K == 3))
+    e_h = np.abs(F.predict_unified(uh, N, K) - truth)[ok].max()
+    e_l = np.abs(F.predict_unified(ul, N, K) - truth)[ok].max()
+    assert e_h < e_l / 5, (e_h, e_l)
+    # the held-out-size check is fitted the same way
+    assert uh["holdout"]["status"] == "ok"
+    assert uh["holdout"]["max_rel_err"] < ul["holdout"]["max_rel_err"]
+    with pytest.raises(ValueError):
+        F.fit_all(losses, loss="huber", f_scale=-1.0)
+
+
+# ------------------------------------------------------------------ held-out size
+
+
+def _table_from_law(params, sizes=SIZES_B, method="average", noise=0.0, seed=0):
+    """A view_table-like frame of per-k means from the unified law."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for N in sizes:
+        for k in KS:
+            m = law(params, N, k) + noise * rng.standard_normal()
+            rows.append({"size": f"{N:g}B", "params": int(round(N * 1e9)), "method": method,
+                         "view": "v", "k": int(k), "mean": m, "sem": 0.001})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("domain", ["algebra", "biology", "code"])
+def test_holdout_largest_size_at_paper_sizes(domain):
+    """Fit the unified law on 0.5B..32B (Table 3 parameters), predict 72B."""
+    p = TABLE3[domain]
+    cells = _table_from_law(p)
+    g = cells.sort_values(["params", "k"])
+    full = F.fit_unified(g["params"] / 1e9, g["k"], g["mean"])
+    h = F.holdout_largest_size(cells, full_fit=full)
+    assert h["status"] == "ok" and h["converged"] and h["size"] == "72B"
+    assert h["fit_sizes"] == ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
+    assert h["n_predicted"] == 9 and h["predict_k"] == "1..9"
+    assert h["max_rel_err"] < 1e-5 and h["insample_rmse"] < 1e-7
+    # with the paper's noise level on each mean (Table 6 variance over 15 subsets)
+    a0, g6, b6 = TABLE6_VAR[domain]
+    for seed in range(3):
+        noisy = cells.copy()
+        rng = np.random.default_rng(seed)
+        sd = np.sqrt(a0 * (noisy["params"] / 1e9) ** -g6 / (noisy["k"] + b6) / 15)
+        e = sd * rng.standard_normal(len(noisy))
+        noisy["mean"] = noisy["mean"] + e
+        h = F.holdout_largest_size(noisy)
+        assert h["status"] == "ok" and h["mae"] <= h["rmse"] + 1e-15
+        # the measured 72B means carry their own noise (2-3% of the loss at this level): the
+        # prediction from six smaller, noisy sizes misses them by about that much, not more
+        at72 = noisy["params"] == 72e9
+        noise72 = float(np.sqrt(np.mean(e[at72] ** 2)))
+        assert h["rmse"] < 2.0 * noise72 + 1e-3, (seed, h["rmse"], noise72)
+        assert h["rmse"] < 0.05 * cells.loc[at72, "mean"].mean()
+
+
+def test_holdout_largest_size_skipped_with_three_sizes():
+    cells = _table_from_law(TABLE3["code"], sizes=np.array([0.5, 1.5, 3.0]))
+    h = F.holdout_largest_size(cells)
+    assert h["status"].startswith("skipped: needs >= 4 sizes")
+    assert h["reason"] == h["status"] and not h["converged"] and np.isnan(h["mae"])
+    assert h["size"] == "3B"
+
+
+# ------------------------------------------------------------------ variance laws
+
+
+def test_fit_variance_recovers_both_laws():
+    M = 9
+    k = np.arange(1, 10)
+    n_sub = np.array([9, 36, 84, 126, 126, 84, 36, 9, 1])
+    v = 0.004 / k
+    f = F.fit_variance(k, v, M=M, n_subsets=n_sub)
+    assert f["converged"] and f["k_fitted"] == list(range(1, 9))  # k = 9: one subset
+    assert f["C_inv_k"] == pytest.approx(0.004, rel=1e-12) and f["r2_inv_k"] == pytest.approx(1.0)
+    assert f["loglog_slope"] == pytest.approx(-1.0, abs=1e-12)
+    assert f["better"] == "inv_k" and f["r2_finite_pool"] < 0.999
+    vf = 0.004 * (M - k) / (k * (M - 1))
+    g = F.fit_variance(k, vf, M=M, n_subsets=n_sub)
+    assert g["C_finite_pool"] == pytest.approx(0.004, rel=1e-12)
+    assert g["r2_finite_pool"] == pytest.approx(1.0) and g["better"] == "finite_pool"
+    assert g["r2_inv_k"] < 0.999
+    np.testing.assert_allclose(F.predict_variance(g, k, "finite_pool"), vf, rtol=1e-12)
+    np.testing.assert_allclose(F.predict_variance(f, [1, 2, 4], "inv_k"), [0.004, 0.002, 0.001])
+    assert F.predict_variance(g, 9, "finite_pool") == pytest.approx(0.0)
+    # noisy: unweighted least squares, C = <x, v> / <x, x>
+    rng = np.random.default_rng(0)
+    vn = v * (1 + 0.2 * rng.standard_normal(9))
+    h = F.fit_variance(k, vn)
+    x = 1.0 / k
+    assert h["C_inv_k"] == pytest.approx(x @ vn / (x @ x)) and h["M"] is None
+    assert np.isnan(h["C_finite_pool"]) and np.all(np.isnan(F.predict_variance(h, k, "finite_pool")))
+    # too few points: a reason, not an exception
+    bad = F.fit_variance([1, 9], [0.1, 0.0], M=9, n_subsets=[9, 1])
+    assert not bad["converged"] and "distinct k" in bad["reason"]
+    with pytest.raises(ValueError):
+        F.predict_variance(f, k, "quadratic")
+
+
+def test_pool_sizes_and_fit_all_variance():
+    losses = synthetic_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0)), methods=("avg",))
+    assert F.pool_sizes(losses) == {("s", "avg"): 4, ("m", "avg"): 4, ("l", "avg"): 4}
+    # per subset, domain e's loss moves by c (1[e in S] - k/M): across the k-subsets its
+    # variance is c^2 p (1 - p) n/(n-1), p = k/M, n = C(M, k) subsets
+    fits = F.fit_all(losses, views=("domain:code",))
+    table = F.view_table(losses, ["domain:code"])
+    for v in fits["variance"]:
+        assert v["M"] == 4 and v["k_fitted"] == [1, 2, 3]
+        h = table[(table["size"] == v["size"]) & table["k"].between(1, 3)].sort_values("k")
+        x = 1.0 / h["k"].to_numpy()
+        assert v["C_inv_k"] == pytest.approx(x @ h["var"].to_numpy() / (x @ x), rel=1e-9)
+    vf = F.variance_frame(fits)
+    assert list(vf["size"]) == ["s", "m", "l"] and (vf["M"] == 4).all()
+    assert {"C_inv_k", "r2_inv_k", "C_finite_pool", "r2_finite_pool", "loglog_slope"} <= set(vf)
+
+
+# ------------------------------------------------------------------ unified table + bootstrap
+
+
+def noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0)), seed=0):
+    """synthetic_losses plus per-(subset, domain) noise with sd 0.01/sqrt(k)."""
+    losses = synthetic_losses(sizes=sizes, methods=("avg", "ta"))
+    rng = np.random.default_rng(seed)
+    k = losses["k"].clip(lower=1).to_numpy()
+    losses["loss"] = losses["loss"] + 0.01 / np.sqrt(k) * rng.standard_normal(len(losses))
+    return losses
+
+
+def test_fit_all_unified_intervals_holdout_and_tables():
+    losses = noisy_losses()
+    views = ("domain:code",)
+    a = F.fit_all(losses, views=views, n_boot=15, seed=3)
+    b = F.fit_all(losses.sample(frac=1.0, random_state=2), views=views, n_boot=15, seed=3)
+    assert a == b  # deterministic for a seed
+    json.dumps(a, allow_nan=False)
+    assert a["settings"]["bootstrap"]["n_boot"] == 15
+    assert len(a["unified"]) == 2
+    for u in a["unified"]:
+        assert u["converged"] and u["n_boot"] == 15 and u["boot_frac_converged"] == 1.0
+        assert set(u["ci"]) == set(F.UNIFIED_PARAMS)
+        for p in F.UNIFIED_PARAMS:
+            c = u["ci"][p]
+            assert c["lo"] <= c["median"] <= c["hi"] and 0.0 <= c["frac_at_bound"] <= 1.0
+        assert u["holdout"]["status"] == "ok" and u["holdout"]["size"] == "xl"
+        assert u["holdout"]["max_rel_err"] < 0.08  # 3 small sizes -> 72B, with noise
+    u = next(f for f in a["unified"] if f["view"] == "domain:code" and f["method"] == "avg")
+    p = TABLE3["code"]
+    assert u["ci"]["L_star"]["lo"] < p[0] + p[1] * 1e9 and u["ci"]["A0"]["lo"] > 0
+    t = F.unified_frame(a)
+    assert len(t) == 2 and list(t.columns[:5]) == ["method", "view", "sizes", "n_sizes", "n_points"]
+    for p in F.UNIFIED_PARAMS:
+        assert {p, f"{p}_lo", f"{p}_hi", f"{p}_frac_at_bound"} <= set(t.columns)
+        assert (t[f"{p}_lo"] <= t[f"{p}_hi"]).all()
+    assert (t["holdout_status"] == "ok").all() and (t["n_boot"] == 15).all()
+    assert t["holdout_rmse"].notna().all() and t["holdout_insample_rmse"].notna().all()
+    # without bootstrap: no intervals, the same point estimates
+    c = F.fit_all(losses, views=views)
+    assert [u["L_star"] for u in c["unified"]] == [u["L_star"] for u in a["unified"]]
+    tc = F.unified_frame(c)
+    assert tc["L_star_lo"].isna().all() and (tc["n_boot"] == 0).all()
+
+
+def test_fit_all_three_sizes_holdout_skipped_and_views_all():
+    losses = noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0)))
+    assert F.fit_views(losses) == ["in_domain", "cross_domain", "domain:algebra", "domain:biology",
+                                   "domain:chemistry", "domain:code"]
+    fits = F.fit_all(losses, views="cross_domain")  # one view by name
+    assert fits["settings"]["views"] == ["cross_domain"]
+    assert {u["view"] for u in fits["unified"]} == {"cross_domain"}
+    for u in fits["unified"]:
+        assert u["holdout"]["status"].startswith("skipped: needs >= 4 sizes")
+    t = F.unified_frame(fits)
+    assert t["holdout_status"].str.startswith("skipped: needs >= 4 sizes").all()
+
+
+def test_config_fit_section(cfg):
+    from mergelaws import config
+
+    assert cfg["fit"]["loss"] == "linear" and cfg["fit"]["f_scale"] is None
+    assert cfg["fit"]["n_boot"] >= 0 and cfg["fit"]["seed"] == 0
+    import copy
+
+    ok = copy.deepcopy(cfg)
+    ok["fit"].update(loss="huber", f_scale=0.01, n_boot=0)
+    config.validate(ok)
+    for bad in ({"loss": "l1"}, {"f_scale": 0}, {"n_boot": -1}):
+        c = copy.deepcopy(cfg)
+        c["fit"].update(bad)
+        with pytest.raises(config.ConfigError) as exc:
+            config.validate(c)
+        assert "fit." in str(exc.value)
+
+
+def test_cli_fit_writes_tables(tmp_path):
+    from mergelaws import cli
+
+    losses = noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0)))
+    src = tmp_path / "losses.parquet"
+    losses.to_parquet(src)
+    out = tmp_path / "fits"
+    rc = cli.main(["fit", str(src), "--out", str(out), "--loss", "huber", "--n-boot", "4",
+                   "--seed", "1"])
+    assert rc == 0
+    names = {"fits.json", "summary.csv", "unified.parquet", "unified.csv", "variance.parquet",
+             "variance.csv"}
+    assert {p.name for p in out.iterdir()} == names
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["settings"]["loss"] == "huber" and fits["settings"]["bootstrap"]["seed"] == 1
+    views = set(F.fit_views(losses))
+    assert {u["view"] for u in fits["unified"]} == views
+    uni = pd.read_parquet(out / "unified.parquet")
+    assert len(uni) == 2 * len(views) and (uni["n_boot"] == 4).all() and (uni["loss"] == "huber").all()
+    pd.testing.assert_frame_equal(uni, F.unified_frame(fits))
+    var = pd.read_csv(out / "variance.csv")
+    assert len(var) == 2 * 3 * len(views)
+    assert cli.main(["fit", str(src), "--out", str(out), "--loss", "huber", "--f-scale", "-1"]) == 2

@@ -1,6 +1,8 @@
 import copy
 import math
 
+import pytest
+
 from mergelaws import grid
 
 
@@ -50,3 +52,32 @@ def test_algorithm1_first_two_orders():
     orders = grid.diverse_orders(items, 3, random.Random(0), candidates=200)
     assert orders[0] == items and orders[1] == items[::-1]
     assert sorted(orders[2]) == sorted(items)
+
+
+def test_shards_partition_the_subsets_round_robin(cfg):
+    cfg = copy.deepcopy(cfg)
+    size = grid.sizes(cfg)[0]
+    cfg["sweep"]["shards"] = 3
+    everything = grid.subsets(cfg, size)
+    parts = [grid.shard_subsets(cfg, size, sh) for sh in grid.shards(cfg, size)]
+    assert grid.shards(cfg, size) == ["1of3", "2of3", "3of3"]
+    ids = [s.id for p in parts for s in p]
+    assert sorted(ids) == sorted(s.id for s in everything) and len(set(ids)) == len(ids)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert len(grid.sweep_files(cfg)) == 3 * len(grid.sizes(cfg)) * len(grid.methods(cfg))
+    with pytest.raises(ValueError, match="does not match the 3 shards"):
+        grid.shard_subsets(cfg, size, "1of2")
+    with pytest.raises(ValueError, match="form '<i>of<n>'"):
+        grid.shard_subsets(cfg, size, "4of3")
+
+
+def test_per_size_sweep_overrides(cfg):
+    cfg = copy.deepcopy(cfg)
+    small, big = grid.sizes(cfg)[0], grid.sizes(cfg)[-1]
+    cfg["bases"][big]["sweep"] = {"sampler": "orders", "orders": 2, "shards": 2}
+    assert grid.n_shards(cfg, small) == 1 and grid.n_shards(cfg, big) == 2
+    assert [s.id for s in grid.subsets(cfg, small)] == [s.id for s in grid.subsets(cfg)]
+    big_subs = grid.subsets(cfg, big)
+    m = len(cfg["domains"])
+    # identity and reverse orders: two prefixes per k except k = 0 and k = m
+    assert len(big_subs) == 2 * (m + 1) - 2

@@ -196,3 +196,57 @@ def test_write_plan(tmp_path):
     # re-writing leaves no temp files
     P.write_plan(t, fits, tmp_path / "plan", n_boot=20)
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json", "plan.md"]
+
+
+def test_plan_reports_fit_choice_variance_unified_and_holdout(tmp_path):
+    from mergelaws import fit
+
+    t = realistic_losses()
+    fits = fit.fit_all(t, views=["cross_domain"], loss="huber", n_boot=8)
+    choice = P.fit_choice(fits)
+    assert choice == {"weights": "k", "loss": "huber", "f_scale": None}
+    assert P.fit_choice(fits, loss="linear")["loss"] == "linear"
+    assert P.fit_choice(None) == {"weights": "k", "loss": "linear", "f_scale": None}
+    with pytest.raises(ValueError):
+        P.fit_choice(None, loss="huber", f_scale=-2.0)
+    md_path, js_path = P.write_plan(t, fits, tmp_path / "plan", n_boot=20)
+    plan = json.loads(js_path.read_text())
+    md = md_path.read_text()
+    assert plan["settings"]["loss"] == "huber" and "Huber loss" in md and "weights ∝ k" in md
+    # variance laws, from the fits file, one row per (size, method)
+    assert len(plan["variance"]) == 9
+    fv = {(f["size"], f["method"]): f for f in fits["variance"]}
+    for r in plan["variance"]:
+        assert r["C_inv_k"] == pytest.approx(fv[(r["size"], r["method"])]["C_inv_k"])
+        assert r["M"] == 6
+    assert "## Variance across subsets" in md and "C·(M−k)/(k·(M−1))" in md
+    # the unified law with its intervals, per method
+    assert [r["method"] for r in plan["unified"]] == ["average", "task_arithmetic", "ties"]
+    assert all(r["n_boot"] == 8 and r["L_star_lo"] <= r["L_star_hi"] for r in plan["unified"])
+    assert "## Unified law" in md
+    # three sizes: the held-out-size check says why it was skipped
+    assert "## Held-out size" in md and "skipped: needs >= 4 sizes" in md
+    # without a fits file: least squares, variance and unified law fitted here
+    P.write_plan(t, None, tmp_path / "plan2", n_boot=10)
+    p2 = json.loads((tmp_path / "plan2" / "plan.json").read_text())
+    assert p2["settings"]["loss"] == "linear" and len(p2["variance"]) == 9
+    assert {(r["size"], r["method"]): r["C_inv_k"] for r in p2["variance"]} == pytest.approx(
+        {k: v["C_inv_k"] for k, v in fv.items()})
+    assert all(r["n_boot"] == 0 and r["L_star_lo"] is None for r in p2["unified"])
+    assert "least squares" in (tmp_path / "plan2" / "plan.md").read_text()
+
+
+def test_plan_holdout_size_with_four_sizes(tmp_path):
+    from mergelaws import fit
+
+    t = realistic_losses()
+    extra = t[t["size"] == "m"].copy()
+    extra["size"], extra["params"] = "l", 5_600_000
+    extra["loss"] = extra["loss"] - 0.35  # a fourth, larger size on the same trend
+    t4 = pd.concat([t, extra], ignore_index=True)
+    fits = fit.fit_all(t4, views=["cross_domain"])
+    plan = P.build_plan(t4, fits, n_boot=10)
+    hs = [r for r in plan["holdout"] if r["kind"] == "size_extrapolation"]
+    assert len(hs) == 3 and all(r["converged"] and r["size"] == "l" for r in hs)
+    md = P.render_markdown(plan)
+    assert "## Held-out size" in md and "in-sample RMSE" in md and "skipped" not in md

@@ -105,3 +105,23 @@ def test_size_label():
     assert P.size_label("0.5B", 500_000_000) == "0.5B"
     assert P.size_label("tiny", 200_000) == "tiny (0.2M)"
     assert P.size_label("7B", 7_000_000_000) == "7B"
+
+
+def test_plot_variance_vs_k_with_fitted_laws(tmp_path, table_and_fits):
+    table, fits = table_and_fits
+    index = P.variance_fit_index(fits)
+    assert ("average", "in_domain", "xs") in index and ("ties", "cross_domain", "m") in index
+    f = index[("average", "in_domain", "xs")]
+    assert f["converged"] and f["M"] == 4 and f["C_inv_k"] > 0
+    with_fit = P.plot_variance_vs_k(table, "in_domain", tmp_path / "a" / "v", fits=fits)
+    without = P.plot_variance_vs_k(table, "in_domain", tmp_path / "b" / "v")
+    only_inv = P.plot_variance_vs_k(table, "in_domain", tmp_path / "c" / "v", fits=fits,
+                                    laws=("inv_k",))
+    _check_outputs(with_fit, tmp_path / "a", "v", n_panels=2)
+    a, b, c = (mpimg.imread(p[0]) for p in (with_fit, without, only_inv))
+    assert a.shape == b.shape == c.shape
+    # the fitted curves are drawn, and the finite-pool curve is a separate line
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError):
+        P.plot_variance_vs_k(table, "in_domain", tmp_path / "d" / "v", fits=fits, laws=("cubic",))
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())

@@ -142,8 +142,15 @@ def test_paper_config():
     assert (m["task_arithmetic"]["scale"], m["task_arithmetic"]["combine"]) == (0.8, "mean")
     assert (m["ties"]["density"], m["ties"]["scale"]) == (1.0, 1.0)
     assert m["dare"]["drop_rate"] == 0.2
-    # all C(9, k) subsets: 2^9 = 512 per (size, method)
-    assert len(grid.subsets(cfg)) == 512
+    # all C(9, k) subsets: 2^9 = 512 per (size, method) for N <= 7B; diverse orders above
+    for s in sizes:
+        subs = grid.subsets(cfg, s)
+        if s in ("14B", "32B", "72B"):
+            assert cfg["bases"][s]["sweep"]["sampler"] == "orders"
+            assert 9 < len(subs) < 512 and {x.k for x in subs} == set(range(10))
+        else:
+            assert len(subs) == 512
+    assert len(grid.subsets(cfg)) == 512  # the global setting
     # resources grow with size
     for key in ("gpu", "mem_mb", "runtime"):
         values = [cfg["bases"][s]["resources"][key] for s in sizes]
@@ -194,7 +201,7 @@ def test_dry_run_paper_plans_the_grid_offline():
     out = dry_run("--profile", "profiles/slurm", "--cores", "256", "--configfile", "config/paper.yaml")
     stats = job_stats(out)
     assert stats["train"] == 7 * 9
-    assert stats["sweep"] == 7 * 4
+    assert stats["sweep"] == 4 * sum(grid.n_shards(cfg, s) for s in grid.sizes(cfg))
     assert "pretrain" not in stats and "tokenizer" not in stats  # hub ids: nothing to build
     jobs = planned_jobs(out)
     for job in jobs:
@@ -205,6 +212,10 @@ def test_dry_run_paper_plans_the_grid_offline():
             assert int(res["mem_mb"]) == want["mem_mb"]
             assert int(res["runtime"]) == want["runtime"]
             assert int(res["cpus_per_task"]) == want["threads"]
+            if job["rule"] == "train":  # multi-node training for the largest experts only
+                assert int(res["nodes"]) == want.get("train", {}).get("nodes", 1)
+            else:
+                assert "nodes" not in res
 
 
 def test_dry_run_paper_job_count():
@@ -214,7 +225,45 @@ def test_dry_run_paper_job_count():
     stats = job_stats(out)
     n = len(grid.sizes(cfg))
     assert stats["train"] == n * len(grid.domains(cfg)) == 63
-    assert stats["sweep"] == n * len(grid.methods(cfg)) == 28
+    # sweeps batched per (size, method, shard): hundreds of jobs, not one per subset
+    n_sweeps = len(grid.methods(cfg)) * sum(grid.n_shards(cfg, s) for s in grid.sizes(cfg))
+    assert stats["sweep"] == n_sweeps and 100 <= n_sweeps <= 1000
     once = {k: v for k, v in stats.items() if k not in ("train", "sweep", "total")}
     assert {"aggregate", "fit", "figures", "all"} <= set(once) and set(once.values()) == {1}
-    assert stats["total"] == 63 + 28 + len(once)
+    assert stats["total"] == 63 + n_sweeps + len(once)
+
+
+# ---- retries: memory and time grow with the attempt ---------------------------------------
+
+def test_resources_grow_with_the_attempt_up_to_the_cap():
+    cfg = mlconfig.load(PAPER)
+    want = cfg["bases"]["7B"]["resources"]
+    got = [mlconfig.resource(cfg, "train", "7B", "mem_mb", 1, a) for a in (1, 2, 3)]
+    assert got == [want["mem_mb"], 2 * want["mem_mb"], 3 * want["mem_mb"]]
+    assert mlconfig.resource(cfg, "sweep", "7B", "runtime", 1, 2) == 2 * want["runtime"]
+    assert mlconfig.resource(cfg, "train", "7B", "gpu", 0, 3) == want["gpu"]  # GPUs do not grow
+    cfg["bases"]["7B"]["resources"]["max_mem_mb"] = int(want["mem_mb"] * 1.5)
+    assert mlconfig.resource(cfg, "train", "7B", "mem_mb", 1, 3) == int(want["mem_mb"] * 1.5)
+
+
+def test_a_job_that_ran_out_of_memory_is_retried_with_more(tmp_path):
+    """A real Snakemake run: the job fails while its memory request is below what it needs and
+    succeeds on the retry, whose request comes from the same function the rules use."""
+    cfg = mlconfig.load(MICRO)
+    cfg["resources"]["default"].update(mem_mb=1500, max_mem_mb=4000)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "Snakefile").write_text(f'''
+from mergelaws import config as mlconfig
+CFG = mlconfig.load("{tmp_path / 'cfg.yaml'}")
+
+rule needy:
+    output: "done.txt"
+    resources:
+        mem_mb=lambda wc, attempt: mlconfig.resource(CFG, "train", None, "mem_mb", 1000, attempt)
+    shell: "echo {{resources.mem_mb}} >> attempts.txt; test {{resources.mem_mb}} -ge 2500 && touch {{output}}"
+''')
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--retries", "2", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (tmp_path / "attempts.txt").read_text().split() == ["1500", "3000"]
+    assert (tmp_path / "done.txt").exists()

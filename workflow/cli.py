@@ -26,16 +26,19 @@ def cmd_validate(args) -> None:
     from mergelaws import grid
 
     cfg = _cfg(args)
-    subs = grid.subsets(cfg)
+    per_size = {s: len(grid.subsets(cfg, s)) for s in grid.sizes(cfg)}
+    n_sub = (f"{next(iter(per_size.values()))} subsets" if len(set(per_size.values())) == 1
+             else "(" + ", ".join(f"{s}: {n}" for s, n in per_size.items()) + ") subsets")
+    jobs = len(grid.methods(cfg)) * sum(grid.n_shards(cfg, s) for s in grid.sizes(cfg))
     print(f"{args.config}: valid. {len(grid.sizes(cfg))} sizes x {len(grid.domains(cfg))} domains -> "
           f"{len(grid.sizes(cfg)) * len(grid.domains(cfg))} experts; {len(grid.methods(cfg))} methods x "
-          f"{len(subs)} subsets -> {len(grid.sizes(cfg)) * len(grid.methods(cfg)) * len(subs)} merges")
+          f"{n_sub} -> {len(grid.methods(cfg)) * sum(per_size.values())} merges in {jobs} sweep jobs")
 
 
 def cmd_subsets(args) -> None:
     from mergelaws import grid
 
-    for s in grid.subsets(_cfg(args)):
+    for s in grid.subsets(_cfg(args), args.size):
         print(f"{s.k}\t{s.id}\t{s.label}")
 
 
@@ -67,7 +70,7 @@ def cmd_sweep(args) -> None:
     from mergelaws import sweep
 
     _threads(args.threads)
-    sweep.run_sweep(_cfg(args), args.size, args.method, args.out)
+    sweep.run_sweep(_cfg(args), args.size, args.method, args.out, shard=args.shard)
 
 
 def cmd_aggregate(args) -> None:
@@ -81,17 +84,56 @@ def cmd_fit(args) -> None:
     import pandas as pd
 
     from mergelaws import fit, io
+    from mergelaws.config import ConfigError
 
     cfg = _cfg(args) if args.config else None
+    fcfg = cfg["fit"] if cfg else {}
     losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
-    weights = args.weights or (cfg["fit"]["weights"] if cfg else "k")
-    fits = fit.fit_all(losses, weights=weights)
+    weights = args.weights or fcfg.get("weights", "k")
+    loss = args.loss or fcfg.get("loss", "linear")
+    f_scale = args.f_scale if args.f_scale is not None else fcfg.get("f_scale")
+    n_boot = args.n_boot if args.n_boot is not None else fcfg.get("n_boot", 200)
+    seed = args.seed if args.seed is not None else fcfg.get("seed", 0)
+    try:
+        fit.check_loss(loss, f_scale)
+    except ValueError as exc:
+        raise ConfigError(f"fit: {exc} (set fit.loss / fit.f_scale or --loss / --f-scale)") from exc
+    if n_boot < 0:
+        raise ConfigError(f"fit: n_boot = {n_boot} must be >= 0 (set fit.n_boot or --n-boot)")
+    fits = fit.fit_all(losses, views="all", weights=weights, loss=loss, f_scale=f_scale,
+                       n_boot=n_boot, seed=seed)
     out = Path(args.out)
     io.write_text(out / "fits.json", json.dumps(fits, indent=2, sort_keys=True, default=float) + "\n")
     summary = fit.summary_frame(fits)
     with io.atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    print(summary.to_string(index=False))
+    tables = {"unified": fit.unified_frame(fits), "variance": fit.variance_frame(fits)}
+    for name, frame in tables.items():
+        with io.atomic_path(out / f"{name}.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+        with io.atomic_path(out / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+    print(summary[summary["view"].isin(["in_domain", "cross_domain"])].to_string(index=False))
+    uni = tables["unified"]
+    uni = uni[uni["view"].isin(["in_domain", "cross_domain"])]
+
+    def cell(r, p):
+        lo, hi = r[f"{p}_lo"], r[f"{p}_hi"]
+        return f"{r[p]:.4g}" if pd.isna(lo) else f"{r[p]:.4g} [{lo:.3g}, {hi:.3g}]"
+
+    brief = pd.DataFrame({"method": uni["method"], "view": uni["view"],
+                          **{p: [cell(r, p) for _, r in uni.iterrows()] for p in fit.UNIFIED_PARAMS},
+                          "r2": uni["r2"].round(4), "at_bound": uni["at_bound"],
+                          "held-out size": uni["holdout_status"]})
+    print(f"\nunified law ({loss} loss, weights {weights}; [95%] from {n_boot} bootstrap replicates):")
+    print(brief.to_string(index=False))
+    var = tables["variance"]
+    print("\nvariance across subsets, Var = C/k and C(M-k)/(k(M-1)):")
+    print(var.loc[var["view"].isin(["in_domain", "cross_domain"]),
+                  ["size", "method", "view", "M", "C_inv_k", "r2_inv_k", "C_finite_pool",
+                   "r2_finite_pool", "loglog_slope"]].to_string(index=False))
+    print(f"\n{len(fits['per_size'])} per-size, {len(fits['unified'])} unified and "
+          f"{len(fits['variance'])} variance fits -> {out}")
 
 
 def cmd_figures(args) -> None:
@@ -108,7 +150,7 @@ def cmd_figures(args) -> None:
     made = []
     for view in ("in_domain", "cross_domain"):
         made += plots.plot_loss_vs_k(table, fits, view, out / f"loss_vs_k_{view}")
-        made += plots.plot_variance_vs_k(table, view, out / f"variance_vs_k_{view}")
+        made += plots.plot_variance_vs_k(table, view, out / f"variance_vs_k_{view}", fits=fits)
     headline = cfg["fit"]["view"]
     made += plots.paper_figures(losses, fits, out, view=headline)  # the paper's figures, analogues
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
@@ -150,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add("validate", cmd_validate, "validate a config and print the grid's size")
     add("schema", cmd_schema, "regenerate the config schema's method parameters from the registry", config=False)
-    add("subsets", cmd_subsets, "list the merged subsets (k, id, members)")
+    p = add("subsets", cmd_subsets, "list the merged subsets (k, id, members)")
+    p.add_argument("--size", help="a size whose bases.<size>.sweep overrides the sampling")
     p = add("tokenizer", cmd_tokenizer, "train the byte-level BPE tokenizer on the domains' train splits")
     p.add_argument("--out", required=True)
     p = add("pretrain", cmd_pretrain, "pretrain a tiny base on the general mixture")
@@ -167,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p = add("sweep", cmd_sweep, "merge + evaluate every subset for one (size, method)")
     p.add_argument("--size", required=True)
     p.add_argument("--method", required=True)
+    p.add_argument("--shard", default="1of1", help="which of the size's sweep shards, '<i>of<n>' (default 1of1)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
     p = add("aggregate", cmd_aggregate, "concatenate sweep tables into the losses table", config=False)
@@ -177,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--config")
     p.add_argument("--weights", choices=["k", "sem", "none"])
+    p.add_argument("--loss", choices=["linear", "huber"], help="least squares or Huber (default: fit.loss)")
+    p.add_argument("--f-scale", type=float, help="Huber threshold in loss units (default: fit.f_scale; automatic)")
+    p.add_argument("--n-boot", type=int, help="bootstrap replicates for the unified law (default: fit.n_boot)")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default: fit.seed)")
     p = add("plan", cmd_plan, "planning answers from the fitted laws (plan.md + plan.json)", config=False)
     p.add_argument("losses")
     p.add_argument("--fits")

@@ -180,10 +180,37 @@ def load(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+RULE_OVERRIDES = ("train", "sweep", "pretrain")
+
+
 def base_resources(cfg: dict, rule: str, size: str | None = None) -> dict[str, Any]:
-    """Resources for a rule: defaults < resources.<rule> < bases.<size>.resources."""
-    res = dict(cfg["resources"].get("default", {}))
-    res.update(cfg["resources"].get(rule, {}))
+    """Resources for a rule: resources.default < resources.<rule> < bases.<size>.resources <
+    bases.<size>.resources.<rule> (so a 72B expert can ask for nodes its sweep does not need)."""
+    def flat(spec: dict) -> dict:
+        return {k: v for k, v in spec.items() if k not in RULE_OVERRIDES}
+
+    res = flat(cfg["resources"].get("default", {}))
+    res.update(flat(cfg["resources"].get(rule, {})))
     if size is not None:
-        res.update(cfg["bases"][size].get("resources", {}))
+        per_size = cfg["bases"][size].get("resources", {})
+        res.update(flat(per_size))
+        res.update(flat(per_size.get(rule, {})))
     return res
+
+
+GROWING_RESOURCES = ("mem_mb", "runtime")
+
+
+def resource(cfg: dict, rule: str, size: str | None, key: str, default: Any, attempt: int = 1) -> Any:
+    """One resource of a rule's job at a given Snakemake attempt.
+
+    Memory and time grow linearly with the attempt (a job that ran out of either gets twice as
+    much on its first retry, three times on its second ...), capped by ``max_mem_mb`` /
+    ``max_runtime`` when set; other resources stay as configured.
+    """
+    spec = base_resources(cfg, rule, size)
+    value = spec.get(key, default)
+    if key in GROWING_RESOURCES:
+        grown = value * max(1, int(attempt))
+        return min(grown, spec.get(f"max_{key}", grown))
+    return value

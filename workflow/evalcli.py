@@ -19,7 +19,8 @@ __all__ = ["run_eval", "add_parser"]
 
 def run_eval(model_dir: str | Path, data_files: list[str], out: str | Path, max_len: int = 256,
              batch_tokens: int = 8192, max_examples: int | None = None, device: str = "auto",
-             prompt_field: str = "prompt", response_field: str = "response", log=print) -> dict:
+             prompt_field: str = "prompt", response_field: str = "response", allow_bin: bool = False,
+             log=print) -> dict:
     """Evaluate ``model_dir`` on every file of ``data_files``; write and return the results."""
     from mergelaws import data as D
     from mergelaws import io, models
@@ -31,7 +32,7 @@ def run_eval(model_dir: str | Path, data_files: list[str], out: str | Path, max_
         raise D.DataError(f"max_len = {max_len} is too small; use at least 2 tokens")
     dev = models.resolve_device(device)
     tok = models.load_tokenizer(model_dir)
-    model = models.load_model(model_dir, "float32", dev)
+    model = models.load_model(model_dir, "float32", dev, allow_bin=allow_bin)
     results: dict[str, dict] = {}
     t0 = time.time()
     for f in data_files:
@@ -56,7 +57,7 @@ def cmd_eval(args) -> None:
 
         torch.set_num_threads(args.threads)
     run_eval(args.model, args.data, args.out, max_len=args.max_len, batch_tokens=args.batch_tokens,
-             max_examples=args.max_examples, device=args.device)
+             max_examples=args.max_examples, device=args.device, allow_bin=args.allow_bin)
 
 
 def add_parser(subparsers):
@@ -70,5 +71,7 @@ def add_parser(subparsers):
     p.add_argument("--max-examples", type=int, default=None, help="first N examples of each file")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
     p.set_defaults(fn=cmd_eval)
     return p

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +85,19 @@ def _sample_combinations(pool: list[str], k: int, n: int, rng: random.Random) ->
     return sorted(seen)
 
 
-def subsets(cfg: dict) -> list[Subset]:
-    """Every subset the sweep evaluates, for every size and method alike, in a fixed order."""
+def sweep_settings(cfg: dict, size: str | None = None) -> dict:
+    """The global `sweep` settings with a size's overrides (bases.<size>.sweep) applied."""
+    out = dict(cfg["sweep"])
+    if size is not None:
+        out.update(cfg["bases"][size].get("sweep") or {})
+    return out
+
+
+def subsets(cfg: dict, size: str | None = None) -> list[Subset]:
+    """Every subset the sweep evaluates for a size (all sizes alike unless bases.<size>.sweep
+    overrides the sampling), for every method alike, in a fixed order."""
     pool = sorted(domains(cfg))
-    sweep = cfg["sweep"]
+    sweep = sweep_settings(cfg, size)
     ks = k_values(cfg)
     seed = cfg["seed"]
     out: dict[str, Subset] = {}
@@ -127,5 +137,38 @@ def expert_dir(cfg: dict, size: str, domain: str) -> str:
     return str(results_dir(cfg) / "experts" / size / domain)
 
 
-def sweep_file(cfg: dict, size: str, method: str) -> str:
-    return str(results_dir(cfg) / "sweeps" / size / f"{method}.parquet")
+def n_shards(cfg: dict, size: str) -> int:
+    """Sweep jobs per (size, method): bases.<size>.sweep.shards, else sweep.shards."""
+    return int(sweep_settings(cfg, size).get("shards", 1))
+
+
+def shards(cfg: dict, size: str) -> list[str]:
+    """Shard labels of a size's sweeps: '1of1', or '1of4' .. '4of4'."""
+    n = n_shards(cfg, size)
+    return [f"{i}of{n}" for i in range(1, n + 1)]
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)of(\d+)", shard)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"shard {shard!r} is not of the form '<i>of<n>' with 1 <= i <= n (e.g. '2of4')")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_subsets(cfg: dict, size: str, shard: str = "1of1") -> list[Subset]:
+    """The subsets one sweep shard evaluates: every n-th subset from the i-th (round robin,
+    so each shard gets a similar mix of k and similar work)."""
+    i, n = parse_shard(shard)
+    if n != n_shards(cfg, size):
+        raise ValueError(f"shard {shard!r} does not match the {n_shards(cfg, size)} shards configured for size "
+                         f"{size!r} (sweep.shards / bases.{size}.sweep.shards)")
+    return subsets(cfg, size)[i - 1::n]
+
+
+def sweep_file(cfg: dict, size: str, method: str, shard: str = "1of1") -> str:
+    return str(results_dir(cfg) / "sweeps" / size / method / f"{shard}.parquet")
+
+
+def sweep_files(cfg: dict) -> list[str]:
+    """Every sweep output the aggregate rule gathers."""
+    return [sweep_file(cfg, s, m, sh) for s in sizes(cfg) for m in methods(cfg) for sh in shards(cfg, s)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
+import signal
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +34,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False):
     os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
     try:
         yield tmp
+        _fault_point(path)
         if is_dir:
             if path.exists():
                 shutil.rmtree(path)
@@ -47,3 +50,15 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False):
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+FAULT_ENV = "MERGELAWS_FAULT_KILL_BEFORE_RENAME"
+
+
+def _fault_point(path: Path) -> None:
+    """Fault injection for the tests: with MERGELAWS_FAULT_KILL_BEFORE_RENAME set to a glob
+    matching ``path``'s name, the process SIGKILLs itself after the temp output is fully
+    written and before it is renamed -- the worst moment for a job to die."""
+    pattern = os.environ.get(FAULT_ENV)
+    if pattern and fnmatch.fnmatch(path.name, pattern):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -270,13 +271,149 @@ def ties_keep_count(density: float, numel: int) -> int:
     return min(numel, max(1, math.floor(density * numel + 0.5)))
 
 
+# Blockwise elementwise work. A fresh full-size temporary costs a page fault per 4 KiB on first
+# touch (several times the arithmetic on a CPU); the fast paths below walk large tensors in
+# blocks of _BLOCK entries whose temporaries the allocator recycles and the caches hold. Only
+# elementwise operations (and sequential per-entry sums) are blocked, so every entry is computed
+# by exactly the same operations as on the whole tensor: results are bit-identical.
+_BLOCK = 1 << 18
+
+
+def _blocks(n: int, block: int | None = None):
+    block = block or _BLOCK
+    for s in range(0, n, block):
+        yield slice(s, min(n, s + block))
+
+
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _where0(mask: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.where(mask, v, 0.0)``, bit for bit (NaNs and signed zeros included), as an AND of
+    ``v``'s bits with 0 / all-ones: ~0.3 ns an entry where torch.where takes ~5 on a CPU."""
+    if not v.is_contiguous() or v.shape != mask.shape:
+        res = torch.where(mask, v, 0.0)
+        return res if out is None else out.copy_(res)
+    it = _INT_VIEW[v.element_size()]
+    bits = mask.to(it).neg_()  # 0 -> 0, 1 -> -1 (all bits set)
+    if out is None:
+        return torch.bitwise_and(v.view(it), bits).view(v.dtype)
+    torch.bitwise_and(v.view(it), bits, out=out.view(it))
+    return out
+
+
+# Exact selection. torch.kthvalue copies its input and runs a quickselect, ~35 ns per entry on
+# one CPU thread; a strided sample brackets the k-th value, one blockwise pass counts the
+# entries below the bracket and gathers the few inside it, and kthvalue runs on those only.
+# The value found is always exact (checked by the counts; otherwise the full kthvalue runs),
+# so every method that uses it is bit-identical to the plain kthvalue.
+_SELECT_MIN = 1 << 16  # below this, kthvalue directly
+_SELECT_SAMPLE = 1 << 16
+
+
+def kth_smallest(x: Tensor, r: int, *, absolute: bool = False) -> tuple[Tensor, int, int]:
+    """``(t, n_lt, n_eq)``: ``t`` = the ``r``-th smallest entry (1-based) of ``x`` flattened (of
+    ``|x|`` with ``absolute``), the value ``torch.kthvalue`` returns, and the counts of entries
+    ``< t`` and ``== t``.
+
+    O(n): a strided sample of ~65k entries gives a bracket [lo, hi] around rank ``r``; one
+    blockwise pass counts the entries below ``lo`` and gathers those in [lo, hi]; ``kthvalue``
+    runs on those. If they do not hold rank ``r`` (an unlucky sample, NaNs), it falls back to
+    ``kthvalue`` on everything. NaNs rank last, as in ``kthvalue``.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if not 1 <= r <= n:
+        raise ValueError(f"rank {r} out of range for {n} entries")
+    if n >= _SELECT_MIN:
+        # sample ~8 sqrt(n) entries (4k..64k): the sort stays small and so does the bracket
+        step = max(1, n // min(_SELECT_SAMPLE, max(4096, int(8 * math.sqrt(n)))))
+        sample = flat[::step]
+        sample = torch.sort(sample.abs() if absolute else sample).values
+        m = sample.numel()
+        pos = (r - 0.5) / n * m
+        margin = 5.0 * math.sqrt(max(m * (r / n) * (1.0 - r / n), 1.0)) + 2.0
+        lo_i, hi_i = math.floor(pos - margin), math.ceil(pos + margin)
+        lo = sample[lo_i] if lo_i >= 0 else None
+        hi = sample[hi_i] if hi_i < m else None
+        if lo is not None or hi is not None:
+            n_below, parts = 0, []
+            buf = torch.empty(min(n, _BLOCK), dtype=flat.dtype, device=flat.device) if absolute else None
+            for sl in _blocks(n):
+                a = torch.abs(flat[sl], out=buf[:sl.stop - sl.start]) if absolute else flat[sl]
+                if lo is not None:
+                    below = a < lo
+                    n_below += int(torch.count_nonzero(below))
+                    inside = below.logical_not_()
+                    if hi is not None:
+                        inside.logical_and_(a <= hi)
+                    else:  # NaN >= lo is false: NaNs stay out, as when hi is given
+                        inside.logical_and_(a == a)
+                else:
+                    inside = a <= hi
+                parts.append(a[inside])
+            cand = torch.cat(parts)
+            if n_below < r <= n_below + cand.numel():
+                t = torch.kthvalue(cand, r - n_below).values
+                return t, n_below + int(torch.count_nonzero(cand < t)), int(torch.count_nonzero(cand == t))
+    a = flat.abs() if absolute else flat
+    t = torch.kthvalue(a, r).values
+    return t, int(torch.count_nonzero(a < t)), int(torch.count_nonzero(a == t))
+
+
+def _keep_by_abs(v: Tensor, out: Tensor, *, ge: Tensor | None = None, gt: Tensor | None = None,
+                 le: Tensor | None = None, not_le: Tensor | None = None) -> Tensor:
+    """``out = torch.where(mask, v, 0.0)`` with mask = (|v| >= ge) & (|v| > gt) & (|v| <= le)
+    & ~(|v| <= not_le) (the bounds given; none: everything), computed blockwise; ``out`` must
+    be contiguous."""
+    if not out.is_contiguous():
+        raise ValueError("_keep_by_abs needs a contiguous out")
+    vf, of = v.reshape(-1), out.view(-1)
+    n = vf.numel()
+    buf = torch.empty(min(n, _BLOCK), dtype=vf.dtype, device=vf.device)
+    for sl in _blocks(n):
+        a = torch.abs(vf[sl], out=buf[:sl.stop - sl.start])
+        mask = None
+        for op, t in ((torch.ge, ge), (torch.gt, gt), (torch.le, le)):
+            if t is not None:
+                mask = op(a, t) if mask is None else mask.logical_and_(op(a, t))
+        if not_le is not None:
+            m = torch.le(a, not_le).logical_not_()
+            mask = m if mask is None else mask.logical_and_(m)
+        if mask is None:
+            of[sl] = vf[sl]
+        else:
+            _where0(mask, vf[sl], out=of[sl])
+    return out
+
+
+def _keep_gt_and_first_ties(v: Tensor, out: Tensor, t: Tensor, n_keep: int) -> Tensor:
+    """``out = torch.where(_keep_mask(|v|, t, n_keep), v, 0.0)``, blockwise (two passes)."""
+    vf, of = v.reshape(-1), out.view(-1)
+    n = vf.numel()
+    buf = torch.empty(min(n, _BLOCK), dtype=vf.dtype, device=vf.device)
+    n_gt = 0
+    for sl in _blocks(n):
+        n_gt += int(torch.count_nonzero(torch.abs(vf[sl], out=buf[:sl.stop - sl.start]) > t))
+    left = n_keep - n_gt
+    for sl in _blocks(n):
+        a = torch.abs(vf[sl], out=buf[:sl.stop - sl.start])
+        mask = a > t
+        if left > 0:
+            first = torch.nonzero(a == t).reshape(-1)[:left]
+            mask[first] = True
+            left -= first.numel()
+        _where0(mask, vf[sl], out=of[sl])
+    return out
+
+
 def _keep_mask(absv: Tensor, threshold: Tensor, n_keep: int | None, tie_keep: int | None = None) -> Tensor:
     """Entries |v| > threshold, plus entries == threshold in flat-index order until
     ``n_keep`` are kept in all (per tensor), or the first ``tie_keep`` of them (global)."""
     keep = absv > threshold
     equal = absv == threshold
-    quota = n_keep - int(keep.sum()) if tie_keep is None else tie_keep
-    if quota >= int(equal.sum()):
+    quota = n_keep - int(torch.count_nonzero(keep)) if tie_keep is None else tie_keep
+    if quota >= int(torch.count_nonzero(equal)):
         return keep | equal
     if quota <= 0:
         return keep
@@ -286,27 +423,35 @@ def _keep_mask(absv: Tensor, threshold: Tensor, n_keep: int | None, tie_keep: in
     return keep | first.reshape(equal.shape)
 
 
-def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: Tensor | None) -> Tensor:
+def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: Tensor | None,
+          out: Tensor | None = None) -> Tensor:
     """Zero all but the top-``density`` entries by |v|, per model (row of ``deltas``).
 
     Per tensor (thresholds is None): keeps exactly ties_keep_count(density, numel)
-    entries, found with an O(n) ``torch.kthvalue`` selection; entries tied at
+    entries, found with the O(n) selection :func:`kth_smallest`; entries tied at
     the threshold are kept in flat-index order until the count is reached.
     Global (thresholds given): keep |v| > thresholds[i] plus the first
     tie_keep[i] entries equal to it, as precomputed over all tensors by
-    :func:`merge_state_dicts`.
+    :func:`merge_state_dicts`. ``out`` (contiguous, may be ``deltas`` itself) receives the result.
     """
     if thresholds is None and density >= 1.0:
-        return deltas
-    trimmed = torch.empty_like(deltas)
+        return deltas if out is None or out is deltas else out.copy_(deltas)
+    trimmed = torch.empty_like(deltas, memory_format=torch.contiguous_format) if out is None else out
     for i, v in enumerate(deltas):
-        absv = v.abs()
         if thresholds is None:
-            n = absv.numel()
+            n = v.numel()
             n_keep = ties_keep_count(density, n)
-            t = torch.kthvalue(absv.reshape(-1), n - n_keep + 1).values  # n_keep-th largest
+            t, n_lt, n_eq = kth_smallest(v, n - n_keep + 1, absolute=True)  # the n_keep-th largest
+            if not torch.isnan(t):
+                if n - n_lt == n_keep:  # no tie at t is cut: keep |v| >= t
+                    _keep_by_abs(v, trimmed[i], ge=t)
+                else:  # |v| > t, then entries == t in flat order up to the count
+                    _keep_gt_and_first_ties(v, trimmed[i], t, n_keep)
+                continue
+            absv = v.abs()
             mask = _keep_mask(absv, t, n_keep)
         else:
+            absv = v.abs()
             t = thresholds[i].to(absv.device, absv.dtype)
             mask = _keep_mask(absv, t, None, int(tie_keep[i]) if tie_keep is not None else absv.numel())
         trimmed[i] = torch.where(mask, v, 0.0)
@@ -340,6 +485,39 @@ def _disjoint_mean(trimmed: Tensor, elected: Tensor) -> Tensor:
         total += torch.where(agree, t, 0.0)
         count += agree
     return total / count.clamp_min(1)
+
+
+def _elect_and_mean(trimmed: Tensor, zero_sign: str, majority_sign: float | None, scale: float) -> Tensor:
+    """``_disjoint_mean(trimmed, _elect(trimmed, ...)) * scale``, bit for bit, with the
+    elementwise part done blockwise. The sum over models stays one whole-tensor
+    ``trimmed.sum(0)``: torch's reduction order over k depends on the tensor's shape, and
+    the elected sign of an entry whose sum cancels must not change."""
+    total_sum = trimmed.sum(0)
+    if zero_sign == "positive":
+        fill = 1.0
+    elif majority_sign is not None:
+        fill = majority_sign
+    else:
+        fill = _majority(torch.sign(total_sum))
+    k = trimmed.shape[0]
+    sums, rows = total_sum.reshape(-1), trimmed.reshape(k, -1)
+    out = torch.empty_like(sums)
+    n = sums.numel()
+    for sl in _blocks(n):
+        elected = torch.sign(sums[sl])
+        elected = torch.add(elected, elected == 0, alpha=fill)  # = where(elected == 0, fill, elected)
+        total = torch.zeros_like(elected)
+        count = torch.zeros_like(elected)
+        for i in range(k):
+            t = rows[i, sl]
+            agree = t * elected > 0
+            total += _where0(agree, t)
+            count += agree
+        res = total / count.clamp_min(1)
+        if scale != 1.0:  # x * 1.0 == x exactly
+            res = res * scale
+        out[sl] = res
+    return out.reshape(total_sum.shape)
 
 
 @register(
@@ -403,8 +581,7 @@ def _ties(
     if trim_scope == "tensor" and thresholds is not None:
         raise ValueError("ties: thresholds given but trim_scope = 'tensor'")
     trimmed = _trim(deltas, density, thresholds, tie_keep)
-    elected = _elect(trimmed, zero_sign, majority_sign)
-    return _disjoint_mean(trimmed, elected) * scale
+    return _elect_and_mean(trimmed, zero_sign, majority_sign, scale)
 
 
 @register(
@@ -463,7 +640,7 @@ def _rescale_kept(v: Tensor, keep: Tensor, keep_prob: Tensor | float, rescale: s
     ``rescale: true``; skipped when either norm is < 1e-7, as mergekit does);
     'none': no rescaling.
     """
-    masked = torch.where(keep, v, 0.0)
+    masked = _where0(keep, v)
     if rescale == "inverse":  # a scalar multiplies by 1/q exactly as dare does
         return masked * (1.0 / keep_prob) if isinstance(keep_prob, float) else masked / keep_prob
     if rescale == "l1":
@@ -510,18 +687,53 @@ def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, i
 def _smallest_mask(absv: Tensor, m: int) -> Tensor:
     """Mask of the ``m`` smallest entries of the 1-D ``absv`` in a stable ascending
     order (ties by flat index), i.e. the first ``m`` of ``torch.sort(absv, stable=True)``,
-    found with an O(n) ``torch.kthvalue`` selection instead of a sort."""
+    found with the O(n) selection :func:`kth_smallest` instead of a sort."""
     n = absv.numel()
     if m <= 0:
         return torch.zeros(n, dtype=torch.bool, device=absv.device)
     if m >= n:
         return torch.ones(n, dtype=torch.bool, device=absv.device)
-    t = torch.kthvalue(absv, m).values  # m-th smallest
+    t, n_lt, n_eq = kth_smallest(absv, m)  # m-th smallest
+    if not torch.isnan(t) and n_lt + n_eq == m:  # every entry tied at t is in: |v| <= t
+        return absv <= t
     below = absv < t
     equal = absv == t
-    quota = m - int(below.sum())
+    quota = m - int(torch.count_nonzero(below))
     dtype = torch.int32 if n < 2**31 else torch.int64
     return below | (equal & (equal.cumsum(0, dtype=dtype) <= quota))
+
+
+def _rank_bounds(v: Tensor, lo: int, hi: int) -> dict[str, Tensor | None] | None:
+    """Bounds on |v| selecting the ascending stable ranks [lo, hi) of |v| (``_smallest_mask(hi)
+    & ~_smallest_mask(lo)``) as ``{"gt": t_lo, "le": t_hi}`` when no tie at a cut-off is split
+    (then rank order and value order agree), else None. A bound that cuts nothing is None; a
+    missing upper bound keeps NaNs (``_smallest_mask(n)`` is everything), hence ``not_le``."""
+    n = v.numel()
+    if hi <= lo or hi <= 0:
+        return None  # keeps nothing: leave it to the exact path
+    bounds: dict[str, Tensor | None] = {}
+    if hi < n:
+        t, n_lt, n_eq = kth_smallest(v, hi, absolute=True)
+        if torch.isnan(t) or n_lt + n_eq != hi:
+            return None
+        bounds["le"] = t
+    if lo > 0:
+        t, n_lt, n_eq = kth_smallest(v, lo, absolute=True)
+        if torch.isnan(t) or n_lt + n_eq != lo:
+            return None
+        bounds["gt" if "le" in bounds else "not_le"] = t
+    return bounds or None
+
+
+def _mask_by_abs(absv: Tensor, *, ge: Tensor | None = None, gt: Tensor | None = None, le: Tensor | None = None,
+                 not_le: Tensor | None = None) -> Tensor:
+    mask = torch.ones(absv.shape, dtype=torch.bool, device=absv.device)
+    for op, t in ((torch.ge, ge), (torch.gt, gt), (torch.le, le)):
+        if t is not None:
+            mask.logical_and_(op(absv, t))
+    if not_le is not None:
+        mask.logical_and_(~(absv <= not_le))
+    return mask
 
 
 def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma: float | Sequence[float],
@@ -533,7 +745,7 @@ def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma
     whole (mergekit returns the tensor unchanged). Parameters may be per model."""
     k = deltas.shape[0]
     dens, gams = _per_model(density, k, "density"), _per_model(gamma, k, "gamma")
-    out = torch.empty_like(deltas)
+    out = torch.empty_like(deltas, memory_format=torch.contiguous_format)
     for i, v in enumerate(deltas):
         if dens[i] >= 1.0:
             out[i] = v
@@ -541,9 +753,16 @@ def sparsify_breadcrumbs(deltas: Tensor, density: float | Sequence[float], gamma
         flat = v.reshape(-1)
         n = flat.numel()
         n_keep, n_top = breadcrumbs_counts(n, dens[i], gams[i])
-        absv = flat.abs()
         hi = n - n_top  # keep ascending (stable) ranks [hi - n_keep, hi)
-        keep = _smallest_mask(absv, hi) & ~_smallest_mask(absv, hi - n_keep)
+        bounds = _rank_bounds(v, hi - n_keep, hi)
+        if bounds is not None and rescale == "none":
+            _keep_by_abs(v, out[i], **bounds)
+            continue
+        absv = flat.abs()
+        if bounds is not None:  # the same mask, whole (the l1 rescale sums over the tensor)
+            keep = _mask_by_abs(absv, **bounds)
+        else:
+            keep = _smallest_mask(absv, hi) & ~_smallest_mask(absv, hi - n_keep)
         out[i] = _rescale_kept(v, keep.reshape(v.shape), 1.0, "none" if rescale == "none" else "l1")
     return out
 
@@ -557,11 +776,25 @@ def della_keep_probs(v: Tensor, density: float, epsilon: float) -> Tensor:
     is kept with density - epsilon, the largest with density + epsilon."""
     rows = v.reshape(1, -1) if v.dim() < 2 else v.reshape(v.shape[0], -1)
     n = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    order = _stable_abs_order(rows)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=v.device).expand_as(order))  # 0-based
     rho = ranks.to(v.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     return (density - epsilon + 2.0 * epsilon * rho).reshape(v.shape)
+
+
+def _stable_abs_order(rows: Tensor) -> Tensor:
+    """``torch.argsort(rows.abs(), dim=1, stable=True)``. A rank needs a sort (DELLA's keep
+    probability depends on every entry's rank, not on a cut-off, so no selection can replace
+    it); for fp32 without NaNs it sorts the unique int64 keys (|v| bits << 32 | index), whose
+    unstable sort is the stable order and ~2x faster than the stable float argsort."""
+    n = rows.shape[1]
+    absv = rows.abs()
+    if absv.dtype != torch.float32 or n >= 2**31 or bool(torch.isnan(absv).any()):
+        return torch.argsort(absv, dim=1, stable=True)
+    key = absv.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)  # |v| >= 0: bits order as values
+    key.bitwise_or_(torch.arange(n, device=rows.device))
+    return key.sort(dim=1).values.bitwise_and_(0xFFFFFFFF)
 
 
 def sparsify_della(deltas: Tensor, density: float | Sequence[float], epsilon: float | Sequence[float],
@@ -594,33 +827,52 @@ def combine_deltas(sparse: Tensor, weights: Tensor | None = None, *, consensus: 
       sum_i w_i [agree_i] (0 -> 1). With w = 1 this is TIES's sign election and
       disjoint mean (exactly ``ties``'s _elect('positive') + _disjoint_mean).
     no consensus: merged = sum_i u_i, divided (normalize) by sum_i w_i (|.| < 1e-8 -> 1).
+    Entry by entry (the sums over models are sequential), so it runs blockwise.
     """
     k = sparse.shape[0]
     w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (k,):
         raise ValueError(f"weights must have shape ({k},), got {tuple(w.shape)}")
     w = w.to(sparse.device, sparse.dtype)
-    if consensus:
-        elected = torch.where(
-            sum(sparse[i] * w[i] for i in range(k)) >= 0, 1.0, -1.0
-        ).to(sparse.dtype)
-        total = torch.zeros_like(sparse[0])
-        div = torch.zeros_like(sparse[0])
+    rows = sparse.reshape(k, -1)
+    out = torch.empty(rows.shape[1], dtype=sparse.dtype, device=sparse.device)
+    d = float(w.sum())
+    for sl in _blocks(rows.shape[1]):
+        block = rows[:, sl]
+        if consensus:
+            out[sl] = _combine_consensus(block, w, normalize)
+            continue
+        total = torch.zeros_like(block[0])
         for i in range(k):
-            u = sparse[i] * w[i]
-            agree = torch.sign(u) == elected
-            total += torch.where(agree, u, 0.0)
-            div += agree * w[i]
-        if not normalize:
-            return total
-        return total / torch.where(div == 0, torch.ones_like(div), div)
+            total += block[i] * w[i]
+        if normalize:
+            total = total / (1.0 if abs(d) < 1e-8 else d)
+        out[sl] = total
+    return out.reshape(sparse.shape[1:])
+
+
+def _combine_consensus(sparse: Tensor, w: Tensor, normalize: bool) -> Tensor:
+    """The consensus combine of one block, entry by entry; a weight of exactly 1 is not
+    multiplied (x * 1.0 == x), and torch.where is replaced by exact equivalents."""
+    k = sparse.shape[0]
+    ones = [float(w[i]) == 1.0 for i in range(k)]
+    us = [sparse[i] if ones[i] else sparse[i] * w[i] for i in range(k)]
+    total = us[0] + 0  # as sum(): 0 + u_0 + u_1 + ...
+    for u in us[1:]:
+        total += u
+    elected = (total >= 0).to(sparse.dtype).mul_(2.0).sub_(1.0)  # = where(sum >= 0, 1.0, -1.0)
     total = torch.zeros_like(sparse[0])
+    div = torch.zeros_like(sparse[0])
     for i in range(k):
-        total += sparse[i] * w[i]
+        agree = torch.sign(us[i]) == elected
+        total += _where0(agree, us[i])
+        if ones[i]:
+            div += agree
+        else:
+            div += agree * w[i]
     if not normalize:
         return total
-    d = float(w.sum())
-    return total / (1.0 if abs(d) < 1e-8 else d)
+    return total / div.add_(div == 0)  # = where(div == 0, 1, div)
 
 
 @register(
@@ -828,30 +1080,39 @@ def _global_trim_state(
     Tensors are visited in sorted-name order, entries in flat-index order, so
     ties at a model's threshold are kept in that order until its count is met.
     """
-    names = _float_names(base)
-    k = len(experts)
+    def delta_of(i: int, n: str) -> Tensor:
+        return experts[i][n].float().to(base[n].device) - base[n].float()
+
+    return _global_trim_state_from(_float_names(base), len(experts), delta_of,
+                                   lambda n: _deltas(base, experts, n), params)
+
+
+def _global_trim_state_from(names: list[str], k: int, delta_of: Callable[[int, str], Tensor],
+                            deltas_of: Callable[[str], Tensor], params: dict[str, Any]
+                            ) -> tuple[Tensor, dict[str, Tensor], float | None]:
+    """:func:`_global_trim_state` over task vectors given by functions: ``delta_of(i, name)``
+    (model i's, one tensor) and ``deltas_of(name)`` ([k, ...]); ``names`` sorted."""
     thresholds = torch.empty(k)
     remaining = []
-    for i, e in enumerate(experts):
-        absv = torch.cat(
-            [(e[n].float().to(base[n].device) - base[n].float()).abs().reshape(-1).cpu() for n in names]
-        )
+    for i in range(k):
+        absv = torch.cat([delta_of(i, n).abs().reshape(-1).cpu() for n in names])
         n_keep = ties_keep_count(params["density"], absv.numel())
-        thresholds[i] = torch.kthvalue(absv, absv.numel() - n_keep + 1).values
-        remaining.append(n_keep - int((absv > thresholds[i]).sum()))
+        thresholds[i] = kth_smallest(absv, absv.numel() - n_keep + 1)[0]
+        remaining.append(n_keep - int(torch.count_nonzero(absv > thresholds[i])))
         del absv
     tie_keep: dict[str, Tensor] = {}
     sign_total = 0.0
     for n in names:
-        absv = _deltas(base, experts, n).abs()
+        deltas = deltas_of(n)
+        absv = deltas.abs()
         quota = torch.zeros(k, dtype=torch.int64)
         for i in range(k):
-            equal = int((absv[i] == thresholds[i].to(absv.device)).sum())
+            equal = int(torch.count_nonzero(absv[i] == thresholds[i].to(absv.device)))
             quota[i] = min(remaining[i], equal)
             remaining[i] -= int(quota[i])
         tie_keep[n] = quota
         if params["zero_sign"] == "majority":
-            trimmed = _trim(_deltas(base, experts, n), 1.0, thresholds, quota)
+            trimmed = _trim(deltas, 1.0, thresholds, quota)
             sign_total += float(torch.sign(trimmed.sum(0)).sum())
     majority = (-1.0 if sign_total < 0 else 1.0) if params["zero_sign"] == "majority" else None
     return thresholds, tie_keep, majority
@@ -903,3 +1164,500 @@ def merge_state_dicts(
         )
         out[n] = (b.float() + delta).to(b.dtype)
     return out
+
+
+# --------------------------------------------------------------------------
+# Checkpoints read one tensor at a time
+# --------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+class CheckpointError(ValueError):
+    """A safetensors checkpoint that cannot be read (names the file)."""
+
+
+class SafetensorsSource:
+    """The tensors of one checkpoint (a model directory's ``*.safetensors`` files, or one file),
+    read one at a time through a memory map.
+
+    ``get(name)`` is a zero-copy CPU tensor over the file's pages (a private copy-on-write map,
+    never written back): holding a source costs no memory beyond the OS page cache, which the
+    kernel reclaims under pressure, and reading a tensor costs its bytes only. ``bytes_read``
+    counts the bytes of the tensors handed out. Treat the tensors as read-only.
+    """
+
+    def __init__(self, path: str | Path):
+        import json
+        import mmap
+        import struct
+
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights")
+        self.path = path
+        self.bytes_read = 0
+        self._maps: list[Any] = []
+        self._files: list[Path] = []
+        self._fds: dict[int, int] = {}
+        self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...], int, int]] = {}
+        for f in files:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                try:
+                    (hlen,) = struct.unpack("<Q", fh.read(8))
+                    if hlen > size - 8:
+                        raise ValueError("header longer than the file")
+                    header = json.loads(fh.read(hlen))
+                except (struct.error, ValueError, UnicodeDecodeError) as exc:
+                    raise CheckpointError(f"{f} is not a readable safetensors file ({exc}); copy it again") from None
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            self._files.append(f)
+            start = 8 + hlen
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                a, b = info["data_offsets"]
+                if info["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
+                if start + b > size:
+                    raise CheckpointError(f"{f} is truncated (tensor {name} ends past the end of the file); "
+                                          f"copy it again")
+                self._index[name] = (len(self._maps), _ST_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                     start + a, start + b)
+            self._maps.append(mm)
+
+    def keys(self):
+        return self._index.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._index[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._index[name][1]
+
+    def get(self, name: str) -> Tensor:
+        i, dtype, shape, a, b = self._index[name]
+        self.bytes_read += b - a
+        n = math.prod(shape)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._maps[i], dtype=dtype, count=n, offset=a).view(shape)
+
+    def read(self, name: str, out: Tensor) -> Tensor:
+        """Tensor ``name`` read (copied) into the front of ``out`` (a contiguous CPU tensor of the
+        tensor's dtype with at least its numel entries, e.g. a buffer reused across tensors):
+        no page-mapping and no fresh allocation per tensor. Returns the view of ``out``."""
+        import os
+
+        i, dtype, shape, a, b = self._index[name]
+        n = math.prod(shape)
+        if out.dtype != dtype or not out.is_contiguous() or out.numel() < n or out.device.type != "cpu":
+            raise ValueError(f"read({name}): needs a contiguous CPU {dtype} buffer of >= {n} entries")
+        view = out.reshape(-1)[:n]
+        if n:
+            if i not in self._fds:
+                self._fds[i] = os.open(self._files[i], os.O_RDONLY)
+            mv = memoryview(view.view(torch.uint8).numpy()).cast("B")
+            done = 0
+            while done < b - a:
+                got = os.preadv(self._fds[i], [mv[done:]], a + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self._files[i]}: short read of tensor {name}")
+                done += got
+        self.bytes_read += b - a
+        return view.view(shape)
+
+    def close(self) -> None:
+        import os
+
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def nbytes(self, names: Sequence[str] | None = None) -> int:
+        names = self._index if names is None else names
+        return sum(self._index[n][4] - self._index[n][3] for n in names)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of tensor ``name`` from this process (madvise DONTNEED): they stay in
+        the page cache, the resident set shrinks, and a later access reads them again."""
+        import mmap
+
+        i, _, _, a, b = self._index[name]
+        mm = self._maps[i]
+        if mm is None or b <= a or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = a - a % page
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, b - start)
+        except (OSError, ValueError):
+            pass
+
+
+class DictSource:
+    """A state dict behind the :class:`SafetensorsSource` interface (``bytes_read`` counts too)."""
+
+    def __init__(self, state: dict[str, Tensor]):
+        self.state = state
+        self.bytes_read = 0
+
+    def keys(self):
+        return self.state.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> Tensor:
+        t = self.state[name]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def release(self, name: str) -> None:
+        pass
+
+    def read(self, name: str, out: Tensor) -> Tensor:
+        t = self.get(name)
+        return out.reshape(-1)[:t.numel()].view(t.shape).copy_(t)
+
+
+def _as_source(x: Any) -> Any:
+    return DictSource(x) if isinstance(x, dict) else x
+
+
+# --------------------------------------------------------------------------
+# Many merges of one pool of experts (the fused sweep)
+# --------------------------------------------------------------------------
+
+SUM_METHODS = ("average", "task_arithmetic")
+
+
+def sum_coefficient(name: str, params: dict[str, Any], k: int) -> float | None:
+    """``c`` with merge = theta_0 + c * sum_i v_i for the linear methods, else None."""
+    if name == "average" or (name == "task_arithmetic" and params["combine"] == "mean"):
+        return params["scale"] / k
+    if name == "task_arithmetic":
+        return params["scale"]
+    return None
+
+
+def reuse_order(member_sets: Sequence[Sequence[str]]) -> list[int]:
+    """An order of the subsets (indices) in which consecutive ones differ in few members.
+
+    A running sum goes from subset P to Q at the cost of min(|P xor Q|, |Q|) expert-sized
+    additions; this greedy walk starts from the first subset and always goes to the cheapest
+    subset not yet visited (ties: the earliest), O(n^2) over at most 64 distinct experts. All
+    2^M subsets come out in a Gray-code-like walk (one expert changes per step). Above 20,000
+    subsets, or with more than 64 experts, the order is left as is.
+    """
+    import numpy as np
+
+    n = len(member_sets)
+    keys = sorted({m for s in member_sets for m in s})
+    if n <= 2 or n > 20_000 or len(keys) > 64:
+        return list(range(n))
+    bit = {m: 1 << i for i, m in enumerate(keys)}
+    masks = np.array([sum(bit[m] for m in set(s)) for s in member_sets], dtype=np.uint64)
+    sizes = np.array([len(set(s)) for s in member_sets], dtype=np.int64)
+    left = np.ones(n, dtype=bool)
+    order = [0]
+    left[0] = False
+    cur = masks[0]
+    for _ in range(n - 1):
+        cost = np.minimum(np.bitwise_count(masks ^ cur).astype(np.int64), sizes)
+        cost[~left] = np.iinfo(np.int64).max
+        j = int(np.argmin(cost))
+        order.append(j)
+        left[j] = False
+        cur = masks[j]
+    return order
+
+
+@dataclass
+class MergeCost:
+    """What a :class:`SubsetMerger` did: expert-sized add/subtract steps, fresh sums, direct merges."""
+
+    merges: int = 0
+    updates: int = 0  # expert-sized add or subtract steps into a running sum
+    anchors: int = 0  # running sums recomputed from scratch
+    direct: int = 0  # merges through merge_deltas, tensor by tensor
+
+
+class SubsetMerger:
+    """Merges of many subsets of one pool of experts, for the fused sweep.
+
+    ``base``: the base's tensors (a dict, or a :class:`SafetensorsSource`); ``names``: the
+    floating tensors to merge (default: the base's floating tensors, in its order);
+    ``base_dtype``: round the base through this dtype first (the sweep's live model dtype).
+    Experts are added with :meth:`add_expert` (a dict or a source).
+
+    mode ``"memory"``: the task vectors v_e = theta_e - theta_0 (fp32) of every expert are held,
+    one flat buffer per expert, and the base once. mode ``"stream"``: nothing is held but the
+    sources; each merge reads, tensor by tensor, the base and the experts it needs (a
+    SafetensorsSource reads from a memory map: the page cache, not the heap).
+
+    ``average`` and ``task_arithmetic`` reuse sums: theta = theta_0 + c * sum_{e in S} v_e, so a
+    running sum (fp32, one model's size) of the previous subset is carried to the next by adding
+    the experts that join and subtracting those that leave: O(params x |difference|) per merge
+    instead of O(params x k) (see :func:`reuse_order`). Rounding drift is bounded: the sum is
+    recomputed from scratch (sequentially, in sorted-member order) whenever a step would cost as
+    much, after ``reanchor_every`` add/subtract steps, and for a tensor whose last merge was not
+    finite. Between anchors every step adds at most half an ulp of the running sum, so the
+    sum's error stays within (k + reanchor_every) * 2^-24 * max_t sum_e |v_e| of the exact
+    sum: fp32 rounding, as the direct merge's own. Results equal merge_state_dicts to fp32
+    tolerance (not bit for bit) and do not depend on the mode.
+
+    Every other method merges directly, tensor by tensor, as :func:`merge_state_dicts` does:
+    same task vectors, same per-(seed, subset, tensor) masks, bit-identical results.
+    ``reuse=False`` sends average and task_arithmetic down that path too.
+    """
+
+    def __init__(self, name: str, params: dict[str, Any] | None, base: Any, *, seed: int = 0,
+                 mode: str = "memory", device: str | torch.device = "cpu", base_dtype: torch.dtype | None = None,
+                 names: Sequence[str] | None = None, reuse: bool = True, reanchor_every: int = 32):
+        if mode not in ("memory", "stream"):
+            raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
+        self.name = name
+        self.params = resolve_params(name, params)
+        self.seed = seed
+        self.mode = mode
+        self.device = torch.device(device)
+        self.base_dtype = base_dtype
+        self.reanchor_every = int(reanchor_every)
+        self._base_src = _as_source(base)
+        if names is None:
+            names = [n for n in self._base_src.keys() if self._base_src.dtype(n).is_floating_point]
+        self.names = list(names)
+        self.shapes = {n: tuple(self._base_src.shape(n)) for n in self.names}
+        self.reuses_sums = reuse and name in SUM_METHODS
+        self.cost = MergeCost()
+        self.last_nonfinite: list[str] = []
+        self._experts: dict[str, Any] = {}  # key -> source (stream) or flat task vector (memory)
+        offsets, o = {}, 0
+        for n in self.names:
+            offsets[n] = o
+            o += math.prod(self.shapes[n])
+        self._offsets, self.numel = offsets, o
+        self._base_flat = None
+        if mode == "memory":
+            self._base_flat = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+            for n in self.names:
+                self._view(self._base_flat, n).copy_(self._load_base(n))
+                self._base_src.release(n)
+        self._acc = None  # running sum: flat fp32
+        self._acc_members: tuple[str, ...] | None = None
+        self._acc_steps = 0
+        self._dirty: set[str] = set()
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def _view(self, flat: Tensor, n: str) -> Tensor:
+        o = self._offsets[n]
+        return flat[o:o + math.prod(self.shapes[n])].view(self.shapes[n])
+
+    def _read_base(self, n: str) -> Tensor:
+        if self._base_flat is not None:
+            return self._view(self._base_flat, n)
+        return self._load_base(n)
+
+    def _load_base(self, n: str) -> Tensor:
+        t = self._base_src.get(n).to(self.device)
+        if self.base_dtype is not None:
+            t = t.to(self.base_dtype)
+        return t.float()
+
+    def add_expert(self, key: str, expert: Any) -> None:
+        """Register an expert (its weights: a dict or a source). Memory mode computes its task
+        vector now, so the caller may free the weights afterwards."""
+        src = _as_source(expert)
+        for n in self.names:
+            if n not in src:
+                raise ValueError(f"expert {key}: tensor {n} is missing")
+            if tuple(src.shape(n)) != self.shapes[n]:
+                raise ValueError(f"expert {key}: {n} has shape {tuple(src.shape(n))}, base {self.shapes[n]}")
+        if self.mode == "stream":
+            self._experts[key] = src
+            return
+        flat = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        for n in self.names:
+            torch.sub(src.get(n).to(self.device).float(), self._view(self._base_flat, n), out=self._view(flat, n))
+            src.release(n)
+        self._experts[key] = flat
+
+    def _delta(self, key: str, n: str, b: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """Task vector of expert ``key`` for tensor ``n`` (fp32; ``b`` = the base tensor)."""
+        e = self._experts[key]
+        if self.mode == "memory":
+            v = self._view(e, n)
+            return v if out is None else out.copy_(v)
+        b = self._read_base(n) if b is None else b
+        w = e.get(n).to(self.device).float()
+        return torch.sub(w, b) if out is None else torch.sub(w, b, out=out)
+
+    def _release(self, n: str) -> None:
+        """Stream mode: drop tensor ``n``'s mapped pages once merged (see SafetensorsSource.release)."""
+        if self.mode == "stream":
+            for src in [self._base_src, *self._experts.values()]:
+                src.release(n)
+
+    def bytes_read(self) -> int:
+        srcs = [self._base_src] + [e for e in self._experts.values() if not isinstance(e, Tensor)]
+        return sum(getattr(s, "bytes_read", 0) for s in srcs)
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors this merger holds (base, task vectors, running sum)."""
+        flats = [self._base_flat, self._acc] + [e for e in self._experts.values() if isinstance(e, Tensor)]
+        return sum(t.numel() * t.element_size() for t in flats if t is not None)
+
+    # ---- merging -----------------------------------------------------------------------------
+
+    def merge(self, members: Sequence[str], subset_id: str = "",
+              out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The merged weights of ``members`` (expert keys; their order is the order of the
+        models for the seeded masks, as in merge_state_dicts). Written into ``out``'s tensors
+        (cast to their dtype) when given, else returned as new fp32 tensors. The names of
+        non-finite merged tensors are left in ``last_nonfinite``."""
+        members = list(members)
+        unknown = [m for m in members if m not in self._experts]
+        if unknown:
+            raise KeyError(f"unknown expert(s) {unknown}; added: {sorted(self._experts)}")
+        if len(set(members)) != len(members):
+            raise ValueError(f"repeated expert in {members}")
+        self.cost.merges += 1
+        result: dict[str, Tensor] = {} if out is None else out
+        bad: list[str] = []
+
+        def emit(n: str, value: Tensor, scratch: bool = False) -> None:
+            """Store one merged tensor; ``scratch``: ``value`` lives in a reused buffer."""
+            if out is None:
+                result[n] = value.clone() if scratch else value
+            else:
+                out[n].copy_(value)
+            if not bool(torch.isfinite(result[n]).all()):
+                bad.append(n)
+
+        if not members:
+            for n in self.names:
+                emit(n, self._read_base(n), scratch=True)
+        elif self.reuses_sums:
+            self._merge_sum(members, emit)
+        else:
+            self._merge_direct(members, subset_id, emit)
+        self.last_nonfinite = bad
+        if self.reuses_sums and members:
+            self._dirty = set(bad)
+        return result
+
+    def _merge_direct(self, members: list[str], subset_id: str, emit) -> None:
+        self.cost.direct += 1
+        k = len(members)
+        extra_state = None
+        if self.name == "ties" and self.params["trim_scope"] == "global":
+            names = sorted(self.names)
+            extra_state = _global_trim_state_from(
+                names, k, lambda i, n: self._delta(members[i], n), lambda n: self._stack(members, n), self.params)
+        for n in self.names:
+            b = self._read_base(n)
+            extra: dict[str, Any] = {}
+            if extra_state is not None:
+                thresholds, tie_keep, majority = extra_state
+                extra = {"thresholds": thresholds, "tie_keep": tie_keep[n], "majority_sign": majority}
+            delta = merge_deltas(self.name, self._stack(members, n, b), self.params,
+                                 seed=tensor_seed(self.seed, subset_id, n), **extra)
+            emit(n, b + delta)
+            self._release(n)
+
+    def _stack(self, members: list[str], n: str, b: Tensor | None = None) -> Tensor:
+        if self.mode == "stream" and b is None:
+            b = self._read_base(n)
+        deltas = torch.empty((len(members), *self.shapes[n]), dtype=torch.float32, device=self.device)
+        for i, m in enumerate(members):
+            self._delta(m, n, b, out=deltas[i])
+        return deltas
+
+    def _merge_sum(self, members: list[str], emit) -> None:
+        k = len(members)
+        c = sum_coefficient(self.name, self.params, k)
+        if self._acc is None:
+            self._acc = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        prev = self._acc_members
+        new = tuple(sorted(members))
+        if prev is None:
+            add, rem = list(new), []
+        else:
+            add = [m for m in new if m not in prev]
+            rem = [m for m in prev if m not in new]
+        steps = len(add) + len(rem)
+        fresh = prev is None or steps >= k or self._acc_steps + steps > self.reanchor_every
+        if fresh:
+            self.cost.anchors += 1
+            self._acc_steps = 0
+        else:
+            self.cost.updates += steps
+            self._acc_steps += steps
+        whole = self.mode == "memory" and not fresh and not self._dirty
+        if whole:  # one flat add/subtract per expert that joins or leaves
+            for m in add:
+                self._acc.add_(self._experts[m])
+            for m in rem:
+                self._acc.sub_(self._experts[m])
+        tmp = None
+        for n in self.names:
+            acc = self._view(self._acc, n)
+            b = self._read_base(n)
+            if fresh or n in self._dirty:
+                for i, m in enumerate(new):
+                    if i == 0:
+                        self._delta(m, n, b, out=acc)
+                    else:
+                        acc.add_(self._delta(m, n, b))
+            elif not whole:
+                for m in add:
+                    acc.add_(self._delta(m, n, b))
+                for m in rem:
+                    acc.sub_(self._delta(m, n, b))
+            if tmp is None or tmp.numel() < acc.numel():
+                tmp = torch.empty(max(acc.numel(), 1 << 16), dtype=torch.float32, device=self.device)
+            merged = tmp[:acc.numel()].view(acc.shape)
+            emit(n, torch.add(b, acc, alpha=c, out=merged), scratch=True)
+            self._release(n)
+        self._acc_members = new
+
+
+def merge_memory_estimate(numel: int, largest: int, n_experts: int, *, mode: str, reuse: bool) -> dict[str, int]:
+    """Bytes a :class:`SubsetMerger` holds (and needs as scratch) for a model of ``numel`` merged
+    floating parameters whose largest tensor has ``largest`` entries, with ``n_experts``
+    experts: fp32 base and task vectors (memory mode), running sum (sum reuse), and the
+    per-tensor working set of a direct merge (the [k, ...] task vectors of one tensor and the
+    method's temporaries, ~3 of that size, k <= n_experts)."""
+    f = 4
+    held = {"base": numel * f if mode == "memory" else 0,
+            "task_vectors": numel * f * n_experts if mode == "memory" else 0,
+            "running_sum": numel * f if reuse else 0}
+    held["working"] = largest * f * (3 * n_experts + 4)
+    held["total"] = sum(held.values())
+    return held

@@ -57,6 +57,7 @@ gradients (lists), slices, LoRA (``model+lora``), ``tokenizer_source`` other tha
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ import yaml
 
 from mergelaws import merge as M
 from mergelaws.config import ConfigError
+from mergelaws.io import atomic_path
 
 __all__ = ["MergeYamlError", "MergePlan", "parse_config", "load_config", "merge_tensor", "run_merge",
            "add_parser", "METHODS"]
@@ -278,16 +280,26 @@ def load_config(path: str | Path) -> MergePlan:
 def merge_tensor(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], *, seed: int = 0) -> torch.Tensor:
     """The merged float32 tensor for one parameter (``seed`` seeds the random masks)."""
     b = base.float()
-    deltas = torch.stack([e.to(b.device).float() - b for e in experts])
+    deltas = torch.empty((len(experts), *b.shape), dtype=torch.float32, device=b.device)
+    for i, e in enumerate(experts):  # = torch.stack([e - b ...]) without the temporaries
+        torch.sub(e.to(b.device).float(), b, out=deltas[i])
+    return merge_task_vectors(plan, b, deltas, seed=seed)
+
+
+def merge_task_vectors(plan: MergePlan, b: torch.Tensor, deltas: torch.Tensor, *, seed: int = 0,
+                       inplace: bool = False) -> torch.Tensor:
+    """The merged float32 tensor from the base tensor ``b`` (fp32) and the task vectors ``deltas``
+    [k, ...] (fp32, contiguous); ``inplace``: ``deltas`` may be overwritten (sparsified in place)."""
     spec = METHODS[plan.method]
     if plan.method == "model_stock":
         return b + M.merge_deltas("model_stock", deltas, {"filter_wise": plan.filter_wise})
     rescale = "l1" if plan.rescale else "none"
     pm = plan.per_model
+    k = deltas.shape[0]
     if spec.sparsify == "magnitude":
-        sparse = torch.empty_like(deltas)
-        for i in range(len(experts)):  # the registry's per-tensor trim, one model at a time
-            sparse[i] = M._trim(deltas[i:i + 1], pm["density"][i], None, None)[0]
+        sparse = deltas if inplace and rescale != "l1" else torch.empty_like(deltas)
+        for i in range(k):  # the registry's per-tensor trim, one model at a time
+            M._trim(deltas[i:i + 1], pm["density"][i], None, None, out=sparse[i:i + 1])
             if rescale == "l1":
                 sparse[i] = M._rescale_kept(deltas[i], sparse[i] != 0, 1.0, "l1")
     elif spec.sparsify == "random":
@@ -317,19 +329,198 @@ def merge_states(plan: MergePlan, base: dict[str, torch.Tensor], experts: list[d
 
 
 def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, device: str = "cpu",
-              log=print) -> MergePlan:
-    """Merge the checkpoints of a mergekit YAML into the Hugging Face directory ``out`` (atomically)."""
+              allow_bin: bool = False, log=print) -> MergePlan:
+    """Merge the checkpoints of a mergekit YAML into the Hugging Face directory ``out`` (atomically).
+
+    Tensor by tensor: each input's safetensors files are memory-mapped and read one tensor at a
+    time, the merged tensor is written straight into the output file, and the pages read are
+    dropped again, so the peak memory is about one tensor per input plus the method's working
+    set for that tensor, whatever the model size (logged). Inputs that are not local
+    safetensors directories (hub ids, .bin with --allow-bin) are loaded whole through
+    transformers first (logged).
+    """
     from mergelaws import models
 
     t0 = time.time()
     plan = parse_config(config) if isinstance(config, dict) else load_config(config)
     device = models.resolve_device(device)
-    model = models.load_model(plan.base_model, "float32", device)
+    base_dir = Path(plan.base_model)
+    if not (base_dir.is_dir() and any(base_dir.glob("*.safetensors"))):
+        return _run_merge_in_memory(plan, out, seed=seed, device=device, allow_bin=allow_bin, log=log, t0=t0)
+    paths = list(dict.fromkeys([plan.base_model, *plan.models]))
+    sources = {p: _open_input(p, allow_bin, log) for p in paths}
+    base = sources[plan.base_model]
+    names = _merged_names(base_dir, base)
+    for path in plan.models:
+        _check_same_tensors(path, sources[path], base, names)
+    out_dtype = DTYPES[plan.out_dtype] if plan.out_dtype is not None else torch.float32
+    others = [n for n in base.keys() if n not in names and not base.dtype(n).is_floating_point]
+    layout = {n: (out_dtype, base.shape(n)) for n in names}
+    layout.update({n: (base.dtype(n), base.shape(n)) for n in others})
+    k = len(plan.models)
+    largest = max((math.prod(base.shape(n)) for n in names), default=0)
+    # buffers reused for every tensor: the base tensor (fp32) and the k task vectors, read in place
+    base_buf = torch.empty(largest, dtype=torch.float32)
+    deltas_buf = torch.empty(k * largest, dtype=torch.float32)
+    t_merge = t_io = 0.0
+    with atomic_path(out, is_dir=True) as tmp:
+        writer = _SafetensorsWriter(Path(tmp) / "model.safetensors", layout)
+        for n in sorted(layout):
+            t1 = time.perf_counter()
+            if n in others:
+                value = base.get(n)
+            else:
+                b = _read_f32(base, n, base_buf)
+                deltas = deltas_buf[:k * b.numel()].view(k, *b.shape)
+                for i, m in enumerate(plan.models):
+                    src = sources[m]
+                    if src.dtype(n) == torch.float32:  # e - b, as merge_tensor, without a copy of e
+                        src.read(n, deltas[i]).sub_(b)
+                    else:
+                        torch.sub(src.get(n), b, out=deltas[i])
+                if torch.device(device).type != "cpu":
+                    b, deltas = b.to(device), deltas.to(device)
+                value = merge_task_vectors(plan, b, deltas, seed=M.tensor_seed(seed, "", n), inplace=True)
+                value = value.to(out_dtype)
+            t2 = time.perf_counter()
+            writer.write(n, value.cpu())
+            for src in sources.values():
+                src.release(n)
+            t_merge += t2 - t1
+            t_io += time.perf_counter() - t2
+        writer.close()
+        _write_model_files(base_dir, Path(tmp), out_dtype)
+        record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw}
+        (Path(tmp) / "mergelaws_merge.json").write_text(
+            json.dumps(json.loads(json.dumps(record, default=str)), indent=2, sort_keys=True) + "\n")
+    read = sum(src.bytes_read for src in sources.values())
+    log(f"merge {plan.method}: {k} models -> {out} in {time.time() - t0:.1f}s, streamed tensor by tensor from "
+        f"memory-mapped safetensors: merge {t_merge:.1f}s (incl. reading the inputs' pages), write {t_io:.1f}s; "
+        f"{read / 1e9:.2f} GB read, {writer.nbytes / 1e9:.2f} GB written; peak memory about one tensor per input "
+        f"plus the method's working set: largest tensor {largest * 4 / 1e6:.1f} MB x (base + {k} task vectors "
+        f"read in place + ~{k + 3} temporaries) = {largest * 4 * (2 * k + 4) / 1e9:.2f} GB, not the "
+        f"{read / 1e9:.2f} GB of the inputs")
+    return plan
+
+
+def _read_f32(src, n: str, buf: torch.Tensor) -> torch.Tensor:
+    """Tensor ``n`` of ``src`` as fp32, in ``buf`` when stored as fp32."""
+    if src.dtype(n) == torch.float32:
+        return src.read(n, buf)
+    return src.get(n).float()
+
+
+def _open_input(path: str, allow_bin: bool, log):
+    """A memory-mapped reader for a local safetensors directory, else the model loaded through
+    transformers (hub ids, .bin checkpoints) as a dict."""
+    from mergelaws import models
+
+    p = Path(path)
+    if p.is_dir() and any(p.glob("*.safetensors")):
+        try:
+            return M.SafetensorsSource(p)
+        except M.CheckpointError as exc:
+            raise models.ModelError(f"model directory {p} could not be read ({exc}); its weights are truncated "
+                                    f"or corrupt: copy it again") from None
+    log(f"merge: {path} is not a local safetensors directory; loading it whole through transformers")
+    model = models.load_model(path, "float32", "cpu", allow_bin=allow_bin)
+    return M.DictSource({n: t.detach() for n, t in model.state_dict().items()})
+
+
+def _merged_names(base_dir: Path, base) -> list[str]:
+    """The base's floating tensors; an lm_head.weight stored beside the embeddings it is tied to
+    (config.json tie_word_embeddings: true) is left out, as transformers' save_pretrained does."""
+    names = [n for n in base.keys() if base.dtype(n).is_floating_point]
+    try:
+        cfg = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    if cfg.get("tie_word_embeddings") is True and "lm_head.weight" in names and len(names) > 1:
+        names.remove("lm_head.weight")
+    return names
+
+
+def _check_same_tensors(path: str, src, base, names: list[str]) -> None:
+    from mergelaws import models
+
+    missing = [n for n in names if n not in src]
+    if missing:
+        raise models.ModelError(f"model {path} does not match the base's parameters (no {missing[:3]}); was it "
+                                f"fine-tuned from this base?")
+    for n in names:
+        if tuple(src.shape(n)) != tuple(base.shape(n)):
+            raise models.ModelError(f"model {path} has shape {tuple(src.shape(n))} for {n} but the base has "
+                                    f"{tuple(base.shape(n))}; was it fine-tuned from this base?")
+
+
+def _write_model_files(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+    """config.json (dtype set to the output's), generation_config.json and the tokenizer, from the base."""
+    from mergelaws import models
+
+    cfg = json.loads((base_dir / "config.json").read_text())
+    name = str(dtype).replace("torch.", "")
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if (base_dir / "generation_config.json").exists():
+        (out / "generation_config.json").write_bytes((base_dir / "generation_config.json").read_bytes())
+    models.copy_tokenizer(base_dir, out)
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+class _SafetensorsWriter:
+    """Writes a safetensors file one tensor at a time: the header (names, dtypes, shapes, offsets)
+    first, then each tensor's bytes as it is produced, so the whole state dict never exists."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._order = sorted(layout)
+        for n in self._order:
+            dtype, shape = layout[n]
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[n] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self._header, self.nbytes = header, offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(path, "wb")
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if name != self._order[self._next]:
+            raise RuntimeError(f"tensor {name} written out of order (expected {self._order[self._next]})")
+        info = self._header[name]
+        if _ST_NAMES[t.dtype] != info["dtype"] or list(t.shape) != info["shape"]:
+            raise RuntimeError(f"tensor {name}: {t.dtype} {tuple(t.shape)} does not match the header")
+        if t.numel():
+            self._fh.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise RuntimeError(f"{len(self._order) - self._next} tensors were not written")
+        self._fh.close()
+
+
+def _run_merge_in_memory(plan: MergePlan, out, *, seed: int, device: str, allow_bin: bool, log, t0: float
+                         ) -> MergePlan:
+    """The whole-model path, for a base that is not a local safetensors directory (a hub id or
+    .bin weights): every model is loaded through transformers."""
+    from mergelaws import models
+
+    model = models.load_model(plan.base_model, "float32", device, allow_bin=allow_bin)
     live = models.float_state(model)
     base_state = {n: p.detach().float().clone() for n, p in live.items()}
     experts = []
     for path in plan.models:
-        em = models.load_model(path, "float32", "cpu")
+        em = models.load_model(path, "float32", "cpu", allow_bin=allow_bin)
         models.check_compatible(model, em, path)
         experts.append({n: p.detach().float().to(device) for n, p in models.float_state(em).items()})
         del em
@@ -343,14 +534,15 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
     record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw}
     models.save_model(model, out, tokenizer_from=plan.base_model if Path(plan.base_model).is_dir() else None,
                       extra_files={"mergelaws_merge.json": json.loads(json.dumps(record, default=str))})
-    log(f"merge {plan.method}: {len(plan.models)} models -> {out} in {time.time() - t0:.1f}s")
+    log(f"merge {plan.method}: {len(plan.models)} models -> {out} in {time.time() - t0:.1f}s (loaded whole: the "
+        f"base is not a local safetensors directory; peak memory about {len(plan.models) + 2} models in fp32)")
     return plan
 
 
 def cmd_merge(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_merge(args.config, args.out, seed=args.seed, device=args.device)
+    run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin)
 
 
 def add_parser(subparsers):
@@ -361,5 +553,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
     p.set_defaults(fn=cmd_merge)
     return p

@@ -109,24 +109,71 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_model_dir(path: str | Path) -> None:
+def bin_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.glob("pytorch_model*.bin"))
+
+
+def check_model_dir(path: str | Path, allow_bin: bool = False) -> str:
+    """Check a local model directory; returns the weights format to load ('safetensors' or 'bin')."""
     path = Path(path)
     if not path.is_dir():
-        return  # a hub id; transformers reports its own errors
+        return "safetensors"  # a hub id; transformers reports its own errors
     if not (path / "config.json").exists():
         raise ModelError(f"model directory {path} has no config.json; it is not a Hugging Face model "
                          f"directory (was it copied completely?)")
-    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-        raise ModelError(f"model directory {path} has no *.safetensors weights; mergelaws loads safetensors "
-                         f"only (convert .bin checkpoints with transformers' save_pretrained)")
+    if any(p.suffix == ".safetensors" for p in path.iterdir()):
+        return "safetensors"
+    if bin_files(path) and allow_bin:
+        return "bin"
+    if bin_files(path):
+        raise ModelError(f"model directory {path} has only pickle (.bin) weights; mergelaws loads safetensors "
+                         f"by default. Convert them (transformers' save_pretrained(..., safe_serialization=True)) "
+                         f"or, if you trust the file, opt in with `allow_bin_checkpoints: true` in the config "
+                         f"(or --allow-bin): they are then read with torch.load(weights_only=True)")
+    raise ModelError(f"model directory {path} has no *.safetensors weights; mergelaws loads safetensors "
+                     f"only (convert .bin checkpoints with transformers' save_pretrained)")
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+def load_bin_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of pytorch_model*.bin files, unpickled with ``weights_only=True`` only: a file that
+    holds anything but tensors and plain containers is refused, never executed."""
+    state = {}
+    for f in bin_files(path):
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError and friends
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{f} is not a plain tensor checkpoint and was not loaded ({first[:200]}); "
+                             f"torch.load(weights_only=True) refuses code in pickles: convert it with a trusted "
+                             f"tool or get safetensors weights") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ModelError(f"{f} does not hold a state dict of tensors; it is not a model checkpoint")
+        state.update(part)
+    return state
+
+
+def _load_bin_model(path: Path, dtype: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_bin_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if getattr(config, "tie_word_embeddings", False) and n.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"model directory {path}: its .bin weights do not match config.json (missing "
+                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.to(resolve_dtype(dtype)).eval()
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", allow_bin: bool = False):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    check_model_dir(path)
+    if check_model_dir(path, allow_bin) == "bin":
+        return _load_bin_model(Path(path), dtype).to(resolve_device(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype), use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

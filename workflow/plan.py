@@ -10,7 +10,12 @@ Pure functions on one per-size law ``{"L_inf", "A", "b"}`` (L(k) = L_inf + A/(k+
 * ``k_fraction``: k80 / k90 on the fitted curve or on the measured monotone envelope;
 * ``three_point_forecast``: the law through k in {1, 2, 4} only, forecast at k = 1..M;
 * ``budget_options`` / ``cheapest_for_target`` / ``best_for_budget``: (size, k) trade-offs;
-* ``compare_methods``: the best method per (size, k), paired over shared subsets.
+* ``compare_methods``: the best method per (size, k), paired over shared subsets;
+* ``unified_rows`` / ``variance_rows``: the unified law (with intervals) and the variance
+  laws of the plan's view, from the fits file (or fitted here).
+
+The plan fits with the weights and loss (least squares or Huber) of the fits file
+(``fit_choice``) and says which.
 
 ``write_plan`` runs all of them on a losses table and writes ``plan.md`` and ``plan.json``.
 """
@@ -43,6 +48,9 @@ __all__ = [
     "best_for_budget",
     "compare_methods",
     "auto_targets",
+    "fit_choice",
+    "unified_rows",
+    "variance_rows",
     "build_plan",
     "render_markdown",
     "write_plan",
@@ -372,11 +380,80 @@ def _pct(v: np.ndarray, q: float):
     return None if not math.isfinite(x) else int(x)
 
 
+def fit_choice(fits: Mapping | None, weights: str | None = None, loss: str | None = None,
+               f_scale: float | None = None) -> dict:
+    """The weights / loss the plan fits with: given values, else the fits file's settings,
+    else the defaults (weights "k", least squares)."""
+    st = (fits or {}).get("settings", {})
+    out = {"weights": weights or st.get("weights") or "k",
+           "loss": loss or st.get("loss") or "linear",
+           "f_scale": f_scale if f_scale is not None else st.get("f_scale")}
+    F.check_loss(out["loss"], out["f_scale"])
+    return out
+
+
+def _describe_fit_choice(c: Mapping) -> str:
+    w = {"k": "weights ∝ k on squared residuals (the paper's)",
+         "sem": "weights 1/sem² on squared residuals", "none": "unweighted"}.get(c["weights"], c["weights"])
+    if c["loss"] == "huber":
+        t = (f"threshold {c['f_scale']:g} nats" if c.get("f_scale") is not None else
+             f"threshold {F.HUBER_TUNING} × a robust (MAD) sd of the residuals")
+        return f"Huber loss (IRLS, {t}), {w}"
+    return f"least squares, {w}"
+
+
+def variance_rows(table: pd.DataFrame, fits: Mapping | None, view: str,
+                  pools: Mapping | None = None) -> list[dict]:
+    """The variance-law fits of ``view`` per (size, method): from ``fits["variance"]`` where
+    present, else fitted here (``fit.fit_variance``; M from ``pools`` or the largest k)."""
+    have = {(str(f["size"]), str(f["method"])): f for f in (fits or {}).get("variance", [])
+            if f.get("view") == view}
+    rows = []
+    for (params, size, method), h in table.groupby(["params", "size", "method"], sort=True):
+        f = have.get((str(size), str(method)))
+        if f is None:
+            M = (pools or {}).get((str(size), str(method))) or int(h["k"].max())
+            f = F.fit_variance(h["k"].to_numpy(), h["var"].to_numpy(), M=M if M >= 2 else None,
+                               n_subsets=h["n_subsets"].to_numpy())
+        rows.append({"size": str(size), "method": str(method),
+                     **{k: f.get(k) for k in ("M", "C_inv_k", "r2_inv_k", "C_finite_pool",
+                                              "r2_finite_pool", "loglog_slope", "better",
+                                              "n_points", "reason")}})
+    return rows
+
+
+def unified_rows(table: pd.DataFrame, fits: Mapping | None, view: str, choice: Mapping) -> list[dict]:
+    """The unified law of ``view`` per method, with its bootstrap intervals when the fits
+    file has them (otherwise fitted here, without intervals)."""
+    have = {str(f["method"]): f for f in (fits or {}).get("unified", []) if f.get("view") == view}
+    rows = []
+    for method, g in table[table["k"] >= 1].groupby("method", sort=True):
+        f = have.get(str(method))
+        if f is None:
+            g = g.sort_values(["params", "k"])
+            f = F.fit_unified(g["params"].to_numpy() / 1e9, g["k"].to_numpy(), g["mean"].to_numpy(),
+                              weights=choice["weights"], sem=g["sem"].to_numpy(),
+                              loss=choice["loss"], f_scale=choice["f_scale"])
+        ci = f.get("ci") or {}
+        row = {"method": str(method), "converged": bool(f.get("converged")), "r2": f.get("r2"),
+               "rmse": f.get("rmse"), "at_bound": list(f.get("at_bound") or []),
+               "n_boot": int(f.get("n_boot") or 0), "reason": f.get("reason")}
+        for name in F.UNIFIED_PARAMS:
+            row[name] = f.get(name)
+            row[f"{name}_lo"] = (ci.get(name) or {}).get("lo")
+            row[f"{name}_hi"] = (ci.get(name) or {}).get("hi")
+        rows.append(row)
+    return rows
+
+
 def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, eps: float = 0.01,
                costs: Mapping | None = None, view: str = "cross_domain", n_boot: int = 200,
                seed: int = 0, reference_method: str | None = None, merge_fraction: float = 0.1,
-               budgets: Sequence[float] | None = None, k_max: int | None = None) -> dict:
+               budgets: Sequence[float] | None = None, k_max: int | None = None,
+               weights: str | None = None, loss: str | None = None,
+               f_scale: float | None = None) -> dict:
     """Everything in the plan, as a JSON-serialisable dict (see ``write_plan``)."""
+    choice = fit_choice(fits, weights, loss, f_scale)
     table = F.view_table(losses, [view])
     if table.empty:
         raise ValueError(f"no rows for view {view!r}")
@@ -389,7 +466,9 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
     k_cap = M if k_max is None else int(k_max)
     ref = reference_method or ("average" if "average" in methods else methods[0])
 
-    points, draws = U.bootstrap_draws(losses, view, n_boot=n_boot, seed=seed)
+    points, draws = U.bootstrap_draws(losses, view, n_boot=n_boot, seed=seed,
+                                      weights=choice["weights"], loss=choice["loss"],
+                                      f_scale=choice["f_scale"])
     boot = U.summarise_draws(points, draws)
     laws = _laws_from_fits(fits, view)
     source = "fits" if laws else "refit"
@@ -469,7 +548,10 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
             tp_rows.append({"size": size, "method": method, **{k: v for k, v in r.items() if k != "forecast"},
                             "forecast": r.get("forecast")})
 
-    hold = U.holdout_errors(losses, view)
+    hold = U.holdout_errors(losses, view, weights=choice["weights"], loss=choice["loss"],
+                            f_scale=choice["f_scale"])
+    var_rows = variance_rows(table, fits, view, F.pool_sizes(losses))
+    uni_rows = unified_rows(table, fits, view, choice)
 
     # -- budget (reference method)
     cst = expert_costs(params, costs, merge_fraction)
@@ -484,6 +566,8 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
     cmp = compare_methods(values)
     plan = {
         "settings": {"view": view, "eps": eps, "M": M, "k_max": k_cap, "n_boot": n_boot,
+                     "weights": choice["weights"], "loss": choice["loss"],
+                     "f_scale": choice["f_scale"], "fit_choice": _describe_fit_choice(choice),
                      "seed": seed, "reference_method": ref, "targets": tsource,
                      "laws_from": source, "merge_fraction": merge_fraction,
                      "cost_unit": "one expert of the smallest size (default: cost ∝ params)"},
@@ -491,6 +575,8 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
         "laws": law_rows, "experts_needed": need_rows, "saturation": sat_rows,
         "three_point": tp_rows,
         "holdout": hold.to_dict("records"),
+        "unified": uni_rows,
+        "variance": var_rows,
         "costs": cst, "cheapest_for_target": cheapest, "best_for_budget": affordable,
         "recommendation": _recommend(cheapest, affordable, size_order, ref),
         "method_comparison": cmp.to_dict("records"),
@@ -543,6 +629,21 @@ def _f(x, nd=4):
     return f"{x:.{nd}f}"
 
 
+def _g(x, sig=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if abs(x) < 1e-9:  # a parameter pinned at a zero bound (e.g. gamma ~ 1e-30)
+        return "0"
+    return f"{x:.{sig}g}"
+
+
+def _ci(row: Mapping, name: str) -> str:
+    est, lo, hi = row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if lo is None or hi is None:
+        return _g(est)
+    return f"{_g(est)} [{_g(lo)}, {_g(hi)}]"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -555,7 +656,8 @@ def render_markdown(plan: Mapping) -> str:
     parts = [f"# Merging plan ({s['view']} view)",
              f"Per-size law L(k) = L∞ + A/(k+b) per (size, method), laws from {s['laws_from']}; "
              f"intervals are 95% percentile bootstraps over subsets within each k "
-             f"({s['n_boot']} replicates, seed {s['seed']}). Pool M = {M}; ε = {s['eps']}."]
+             f"({s['n_boot']} replicates, seed {s['seed']}). Pool M = {M}; ε = {s['eps']}. "
+             f"Every law of the mean loss is fitted by {s.get('fit_choice', 'least squares')}."]
 
     parts.append("## Fitted laws")
     parts.append(_table(["size", "method", "L∞ [95%]", "A [95%]", "b [95%]", "R²"], [
@@ -565,6 +667,19 @@ def render_markdown(plan: Mapping) -> str:
         for r in plan["laws"]]))
     parts.append("The floor L∞ is pinned to a few thousandths; A and b trade off against each other, "
                  "so their intervals are wide where b is free.")
+
+    uni = plan.get("unified") or []
+    if uni:
+        with_ci = any(r["n_boot"] for r in uni)
+        parts.append("## Unified law L(N, k) = L* + B·N^−β + A0·N^−γ/(k+b)")
+        parts.append(_table(["method", "L*", "B", "β", "A0", "γ", "b", "R²", "at a bound"], [
+            [r["method"]] + [_ci(r, name) for name in F.UNIFIED_PARAMS]
+            + [_f(r["r2"], 3), ", ".join(r["at_bound"]) or "—"] if r["converged"] else
+            [r["method"]] + ["—"] * 6 + ["—", r.get("reason") or "not converged"] for r in uni]))
+        parts.append("N in billions of parameters; one fit per method over every size and k ≥ 1"
+                     + (f"; [95%] bootstrap intervals, {uni[0]['n_boot']} replicates resampling "
+                        "subsets within each (size, k)." if with_ci else
+                        "; no intervals (no bootstrap in the fits)."))
 
     parts.append("## Experts needed for a target loss")
     parts.append(f"Targets: {s['targets']}.")
@@ -601,13 +716,31 @@ def render_markdown(plan: Mapping) -> str:
         [r["size"], r["method"], r["predict_k"], _f(r.get("mae")), _f(r.get("max_rel_err")),
          _f(r.get("err_at_M"))] for r in hk]))
     if hs:
+        parts.append("## Held-out size: unified law fitted without the largest size")
         reasons = {r.get("reason") for r in hs if r.get("reason")}
-        if reasons:
-            parts.append("Size hold-out (unified law on the smaller sizes → the largest): "
-                         + "; ".join(sorted(reasons)) + ".")
+        if reasons and not any(r.get("converged") for r in hs):
+            parts.append(f"Held-out size ({hs[0]['size']}): " + "; ".join(sorted(reasons)) + ".")
         else:
-            parts.append(_table(["held-out size", "method", "MAE", "max rel. err"], [
-                [r["size"], r["method"], _f(r.get("mae")), _f(r.get("max_rel_err"))] for r in hs]))
+            parts.append(_table(["held-out size", "method", "MAE", "RMSE", "in-sample RMSE",
+                                 "max rel. err", f"error at k={M}"], [
+                [r["size"], r["method"], _f(r.get("mae")), _f(r.get("rmse")),
+                 _f(r.get("insample_rmse")), _f(r.get("max_rel_err")), _f(r.get("err_at_M"))]
+                if r.get("converged") else [r["size"], r["method"], r.get("reason") or "—", "", "", "", ""]
+                for r in hs]))
+            parts.append("Errors of the prediction of the largest size's curve (k ≥ 1) from the "
+                         "smaller sizes; in-sample RMSE = the all-size fit on the same points.")
+
+    var = plan.get("variance") or []
+    if var:
+        parts.append("## Variance across subsets")
+        parts.append(_table(["size", "method", "C (C/k)", "R²", "M", "C (finite pool)", "R²",
+                             "log–log slope"], [
+            [r["size"], r["method"], _g(r.get("C_inv_k")), _f(r.get("r2_inv_k"), 3),
+             _f(r.get("M")), _g(r.get("C_finite_pool")), _f(r.get("r2_finite_pool"), 3),
+             _f(r.get("loglog_slope"), 2)] for r in var]))
+        parts.append("Corollary 3.2 predicts Var ∝ 1/k (log–log slope −1); drawing k of a fixed pool "
+                     "of M experts without replacement gives C·(M−k)/(k·(M−1)), which is 0 at k = M. "
+                     "Unweighted least squares on k with ≥ 2 subsets.")
 
     parts.append(f"## Budget ({s['reference_method']})")
     parts.append("Cost of (size, k) = k × expert + merge; unit = " + s["cost_unit"]
@@ -645,7 +778,8 @@ def write_plan(losses: pd.DataFrame, fits: Mapping | None, out_dir, targets=None
     between the measured k = 1 mean and the fitted floor of the reference method), a number,
     a ``{size: target}`` dict or a list in size order.  ``costs``: per size, an expert cost
     or ``{"expert": .., "merge": ..}`` (default ∝ params).  Other keyword arguments go to
-    ``build_plan`` (view, n_boot, seed, reference_method, merge_fraction, budgets, k_max).
+    ``build_plan`` (view, n_boot, seed, reference_method, merge_fraction, budgets, k_max, and
+    weights / loss / f_scale, which default to the fits file's settings).
     """
     plan = build_plan(losses, fits, targets=targets, eps=eps, costs=costs, **kwargs)
     out = Path(out_dir)

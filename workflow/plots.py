@@ -2,7 +2,8 @@
 
 * ``plot_loss_vs_k``: mean loss across merged subsets vs k (one panel per merge method,
   one curve per base size) with the spread across subsets and the fitted law.
-* ``plot_variance_vs_k``: variance across subsets vs k (log y).
+* ``plot_variance_vs_k``: variance across subsets vs k (log y), with the fitted variance
+  laws C/k and C (M-k)/(k (M-1)) when given the fits.
 * Paper analogues (PAPER.md section 4), drawn together by ``paper_figures``:
   ``plot_unified_fit`` (Fig 1), ``plot_subset_scatter`` (Fig 3(1-2)/13),
   ``plot_floor_tail_vs_N`` (Fig 4a), ``plot_fractional_return`` (Fig 4b),
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from mergelaws.fit import predict_per_size, predict_unified
+from mergelaws.io import atomic_path
 
 __all__ = ["DPI", "FORMATS", "figure_size", "paper_figures", "plot_floor_tail_vs_N", "plot_forecast",
            "plot_fractional_return", "plot_loss_vs_k", "plot_methods", "plot_subset_scatter",
-           "plot_unified_fit", "plot_variance_vs_k", "size_label"]
+           "plot_unified_fit", "plot_variance_vs_k", "size_label", "variance_fit_index"]
 
 DPI = 200
 FORMATS = ("png", "pdf")
@@ -62,8 +63,6 @@ _RC = {
     "ps.fonttype": 42,
 }
 _UNITS = "(nats/token)"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def figure_size(n_panels: int) -> tuple[float, float]:
@@ -140,20 +139,13 @@ def _new_figure(n_panels: int, sharey: bool, logy: bool = False):
 
 
 def _save(fig: Figure, out_stem: str | os.PathLike) -> list[Path]:
+    """PNG and PDF beside each other, each written to a temp name and renamed (io.atomic_path)."""
     stem = Path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in FORMATS:
         final = stem.parent / f"{stem.name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{final.name}.tmp-", suffix=f".{fmt}")
-        os.close(fd)
-        try:
+        with atomic_path(final) as tmp:
             fig.savefig(tmp, format=fmt, dpi=DPI)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         paths.append(final)
     return paths
 
@@ -282,13 +274,33 @@ def plot_loss_vs_k(
         return _save(fig, out_stem)
 
 
-def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLike) -> list[Path]:
+def variance_fit_index(fits: dict | None) -> dict:
+    """``fits["variance"]`` (``fit.fit_all``) keyed by (method, view, size)."""
+    return {(str(f["method"]), str(f["view"]), str(f["size"])): f
+            for f in (fits or {}).get("variance", [])}
+
+
+def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLike,
+                       fits: dict | None = None,
+                       laws: tuple[str, ...] = ("inv_k", "finite_pool")) -> list[Path]:
     """Variance of the view's loss across merged subsets vs k (log y), one panel per method,
-    one curve per base size; k with fewer than 2 subsets (or zero variance) is skipped.
+    one series per base size; k with fewer than 2 subsets (or zero variance) is skipped.
+
+    With ``fits`` (``fit.fit_all`` output, its ``variance`` entries), the fitted variance
+    laws are drawn over the fitted k range: ``inv_k`` Var = C/k (Cor. 3.2) as a line in the
+    size's style, ``finite_pool`` Var = C (M-k)/(k (M-1)) as a thin dotted line; the
+    measured variances are then markers only.  Without fits, markers joined by lines.
     Writes ``<out_stem>.png`` and ``<out_stem>.pdf``; returns their paths."""
+    from mergelaws.fit import predict_variance
+
+    for law in laws:
+        if law not in ("inv_k", "finite_pool"):
+            raise ValueError(f"unknown variance law {law!r}; use 'inv_k' or 'finite_pool'")
     t, methods, sizes = _setup(table, view)
     styles = _styles(sizes)
+    index = variance_fit_index(fits)
     kmax = int(t["k"].max())
+    drawn = set()
     with matplotlib.rc_context(_RC):
         fig, axes = _new_figure(len(methods), sharey=True)
         plotted = False
@@ -300,8 +312,23 @@ def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLi
                 if d.empty:
                     continue
                 plotted = True
-                ax.plot(d["k"], d["var"], marker=st["marker"], ls=st["ls"], color=st["color"],
-                        mec="black", mew=0.5, ms=5.5)
+                f = index.get((str(method), view, str(size)))
+                ok = bool(f and f.get("converged") and f.get("k_fitted"))
+                ax.plot(d["k"], d["var"], marker=st["marker"], ls="none" if ok else st["ls"],
+                        color=st["color"], mec="black", mew=0.5, ms=5.5, zorder=3)
+                if not ok:
+                    continue
+                k_lo, k_hi = min(f["k_fitted"]), max(f["k_fitted"])
+                kfine = np.linspace(k_lo, k_hi, 100)
+                for law in laws:
+                    y = predict_variance(f, kfine, law)
+                    if not (np.all(np.isfinite(y)) and np.all(y > 0)):
+                        continue
+                    drawn.add(law)
+                    if law == "inv_k":
+                        ax.plot(kfine, y, ls=st["ls"], color=st["color"], lw=1.5, zorder=2)
+                    else:
+                        ax.plot(kfine, y, ls=":", color=st["color"], lw=1.0, alpha=0.9, zorder=2)
             ax.set_yscale("log")
             ax.set_title(str(method))
             ax.set_xlabel("number of merged experts k")
@@ -316,7 +343,18 @@ def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLi
                 ax.set_ylabel(f"variance across subsets {_UNITS}$^2$")
         handles = [Line2D([], [], color=st["color"], marker=st["marker"], ls=st["ls"], mec="black",
                           mew=0.5, label=st["label"]) for st in styles.values()]
-        _legend(fig, [handles])
+        rows = [handles]
+        keys = []
+        if "inv_k" in drawn:
+            keys.append(Line2D([], [], color="0.3", ls="-", lw=1.5,
+                               label="fit Var = C/k (Cor. 3.2)"))
+        if "finite_pool" in drawn:
+            keys.append(Line2D([], [], color="0.3", ls=":", lw=1.0,
+                               label="fit Var = C(M−k)/(k(M−1)) (finite pool)"))
+        if keys:
+            rows.append([Line2D([], [], color="0.3", marker="o", ls="none", mec="black", mew=0.5,
+                                label="measured variance")] + keys)
+        _legend(fig, rows)
         _suptitle(fig, f"{_view_title(view)}: variance across merged subsets")
         return _save(fig, out_stem)
 

@@ -22,38 +22,43 @@ from mergelaws.io import atomic_path, write_text
 from mergelaws.progress import Progress
 
 COLUMNS = ["size", "params", "method", "k", "subset", "members", "eval_domain", "in_domain", "loss", "tokens",
-           "status"]
+           "examples", "skipped", "status"]
 
 
-def load_eval_sets(cfg: dict, tokenizer) -> dict[str, list[D.Example]]:
+def load_eval_sets(cfg: dict, tokenizer, log=print) -> dict[str, D.Encoded]:
+    """Each domain's tokenized eval set; examples left with no response token after truncation
+    are skipped, counted, logged here and carried into the sweep table's ``skipped`` column."""
     e = cfg["eval"]
-    return {d: D.load_domain(cfg, d, "eval", tokenizer, e["max_len"], limit=e["max_examples"]).examples
-            for d in grid.domains(cfg)}
+    out = {}
+    for d in grid.domains(cfg):
+        enc = D.load_domain(cfg, d, "eval", tokenizer, e["max_len"], limit=e["max_examples"])
+        if enc.skipped or enc.truncated:
+            log(f"eval set {d}: {enc.truncated} examples truncated to eval.max_len={e['max_len']} tokens, "
+                f"{enc.skipped} skipped (no response token left); counted in the table's 'skipped' column")
+        out[d] = enc
+    return out
 
 
 def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: dict[str, str] | None = None,
-              log=print) -> pd.DataFrame:
+              log=print, shard: str = "1of1") -> pd.DataFrame:
     params = cfg["methods"][method]
     device = models.resolve_device(cfg["sweep"]["device"])
     doms = grid.domains(cfg)
     base_path = grid.base_dir(cfg, size)
     expert_dirs = expert_dirs or {d: grid.expert_dir(cfg, size, d) for d in doms}
-    subsets = grid.subsets(cfg)
+    subsets = grid.shard_subsets(cfg, size, shard)
+    tag = f"{size}/{method}" + ("" if shard == "1of1" else f" shard {shard}")
     t0 = time.time()
 
     tok = models.load_tokenizer(base_path)
-    model = models.load_model(base_path, cfg["sweep"]["dtype"], device)
+    allow_bin = cfg["allow_bin_checkpoints"]
+    model = models.load_model(base_path, cfg["sweep"]["dtype"], device, allow_bin=allow_bin)
     n_params = models.count_params(model)
     live = models.float_state(model)
-    base_state = {n: p.detach().float().clone() for n, p in live.items()}
-    experts = []
-    for d in doms:
-        em = models.load_model(expert_dirs[d], "float32", "cpu")
-        models.check_compatible(model, em, expert_dirs[d])
-        experts.append({n: p.detach().float().to(device) for n, p in models.float_state(em).items()})
-        del em
-    evalsets = load_eval_sets(cfg, tok)
-    log(f"sweep {size}/{method}: {n_params:,} params, {len(doms)} experts, {len(subsets)} subsets x "
+    merger = build_merger(cfg, method, params, model, live, base_path, expert_dirs, doms, device, tag, log)
+    encoded = load_eval_sets(cfg, tok, log)
+    evalsets = {d: enc.examples for d, enc in encoded.items()}
+    log(f"sweep {tag}: {n_params:,} params, {len(doms)} experts, {len(subsets)} subsets x "
         f"{len(doms)} eval domains; loaded in {time.time() - t0:.1f}s")
 
     index = {d: i for i, d in enumerate(doms)}
@@ -61,40 +66,36 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
     done = progress.done_ids()
     todo = [s for s in subsets if s.id not in done]
     if done:
-        log(f"sweep {size}/{method}: resuming, {len(subsets) - len(todo)} of {len(subsets)} subsets "
+        log(f"sweep {tag}: resuming, {len(subsets) - len(todo)} of {len(subsets)} subsets "
             f"already done (kept in {progress.dir})")
-    prog = Progress(len(subsets), f"sweep {size}/{method}")
+    if merger.reuses_sums:  # consecutive subsets differ in few experts: cheap running-sum steps
+        todo = [todo[i] for i in merge.reuse_order([s.members for s in todo])]
+    prog = Progress(len(subsets), f"sweep {tag}")
     prog.update(len(subsets) - len(todo))
     chunk = cfg["sweep"]["chunk"]
     for start in range(0, len(todo), chunk):
         rows = []
         for s in todo[start:start + chunk]:
-            if s.k == 0:
-                merged = base_state
-            else:
-                merged = merge.merge_state_dicts(method, base_state, [experts[index[d]] for d in s.members],
-                                                 params, seed=cfg["seed"], subset_id=s.id)
-            bad = [n for n, t in merged.items() if not torch.isfinite(t).all()]
+            with torch.no_grad():  # written straight into the live model's parameters
+                merger.merge(s.members, s.id, out=live)
+            bad = merger.last_nonfinite
             if bad:
-                log(f"sweep {size}/{method}: merge of subset {s.id} ({s.label}) has non-finite weights in "
+                log(f"sweep {tag}: merge of subset {s.id} ({s.label}) has non-finite weights in "
                     f"{bad[:3]}; recorded as failed (loss NaN), excluded from means and fits")
-            else:
-                with torch.no_grad():
-                    for name, p in live.items():
-                        p.copy_(merged[name].to(p.dtype))
             for d in doms:
+                counts = (len(evalsets[d]), encoded[d].skipped)
                 if bad:
                     rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
-                                 "failed: non-finite weights"))
+                                 *counts, "failed: non-finite weights"))
                     continue
                 res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
                                         batch_tokens=cfg["eval"]["batch_tokens"], device=device)
                 status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"
                 if status != "ok":
-                    log(f"sweep {size}/{method}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; "
+                    log(f"sweep {tag}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; "
                         f"recorded as failed")
                 rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, res.loss, res.tokens,
-                             status))
+                             *counts, status))
             prog.update()
         progress.add(pd.DataFrame(rows, columns=COLUMNS))  # persisted before the next chunk starts
     prog.close()
@@ -105,9 +106,142 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
     table = table.reset_index(drop=True)
     write_table(table, out)
     progress.clear()
-    log(f"sweep {size}/{method}: {len(todo)} merges evaluated ({len(subsets)} in the table) in "
+    c = merger.cost
+    log(f"sweep {tag}: merge engine ({merger.mode}{', sum reuse' if merger.reuses_sums else ''}): "
+        f"{c.merges} merges, " + (f"{c.anchors} sums from scratch + {c.updates} expert add/subtract steps, "
+                                 if merger.reuses_sums else f"{c.direct} direct, ")
+        + f"{merger.bytes_read() / 1e9:.3f} GB of weights read")
+    log(f"sweep {tag}: {len(todo)} merges evaluated ({len(subsets)} in the table) in "
         f"{time.time() - t0:.1f}s -> {out}")
     return table
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes this process can still allocate: MemAvailable (or the cgroup's limit, if lower) for
+    the CPU; the free device memory for a GPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # cgroup v2 limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def choose_merge_mode(cfg: dict, live: dict, n_experts: int, reuse: bool, device, tag: str, log=print
+                      ) -> tuple[str, bool]:
+    """``(mode, sum reuse)`` of the sweep's SubsetMerger under ``sweep.max_memory_gb``: in memory
+    (base and every task vector in fp32, plus the running sum) when that fits, else streaming
+    tensor by tensor from the safetensors files with the running sum, else without it.
+    Budget null = the live model plus 80% of the memory available now."""
+    numel = sum(p.numel() for p in live.values())
+    largest = max(p.numel() for p in live.values())
+    live_bytes = sum(p.numel() * p.element_size() for p in live.values())
+    limit = cfg["sweep"].get("max_memory_gb")
+    if limit is None:
+        avail = available_memory(device)
+        budget = live_bytes + 0.8 * avail
+        why = f"sweep.max_memory_gb null: the live model + 80% of the {avail / 1e9:.2f} GB available"
+    else:
+        budget = float(limit) * 1e9
+        why = f"sweep.max_memory_gb = {limit}"
+    options = [("memory", reuse), ("stream", reuse)] + ([("stream", False)] if reuse else [])
+    need = {o: live_bytes + merge.merge_memory_estimate(numel, largest, n_experts, mode=o[0], reuse=o[1])["total"]
+            for o in options}
+    chosen = next((o for o in options if need[o] <= budget), options[-1])
+    what = {("memory", True): f"in memory (base + {n_experts} task vectors + running sum, fp32)",
+            ("memory", False): f"in memory (base + {n_experts} task vectors, fp32)",
+            ("stream", True): "streaming tensor by tensor from the safetensors files (mmap; running sum held)",
+            ("stream", False): "streaming tensor by tensor from the safetensors files (mmap)"}[chosen]
+    log(f"sweep {tag}: merging {what}{', sums reused across subsets' if chosen[1] else ''}; est. "
+        f"{need[chosen] / 1e9:.3f} GB incl. the live model ({live_bytes / 1e9:.3f} GB), in memory would be "
+        f"{need[options[0]] / 1e9:.3f} GB; budget {budget / 1e9:.3f} GB ({why})")
+    if need[chosen] > budget:
+        log(f"sweep {tag}: WARNING: even streaming needs about {need[chosen] / 1e9:.3f} GB, over the budget; "
+            f"going on (raise sweep.max_memory_gb or give the job more memory if it is killed)")
+    return chosen
+
+
+def _open(path) -> merge.SafetensorsSource | None:
+    """A memory-mapped reader of a local model directory's safetensors files, else None."""
+    p = Path(path)
+    if not p.is_dir() or not any(p.glob("*.safetensors")):
+        return None
+    try:
+        return merge.SafetensorsSource(p)
+    except merge.CheckpointError as exc:
+        raise models.ModelError(f"model directory {p} could not be read ({exc}); its weights are truncated or "
+                                f"corrupt: copy it again or delete it so the workflow rebuilds it") from None
+
+
+def _float_keys(src) -> set[str]:
+    return {k for k in src.keys() if src.dtype(k).is_floating_point}
+
+
+def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_path, expert_dirs: dict,
+                 doms: list[str], device, tag: str, log=print) -> merge.SubsetMerger:
+    """The sweep's SubsetMerger over the loaded base (``live``) and the experts, in memory or
+    streaming as ``sweep.max_memory_gb`` allows. Experts whose safetensors hold the base's
+    tensor names are read through memory maps (no transformers model built); others are
+    loaded through transformers and checked with models.check_compatible (memory mode)."""
+    allow_bin = cfg["allow_bin_checkpoints"]
+    names = list(live)
+    mode, reuse = choose_merge_mode(cfg, live, len(doms), method in merge.SUM_METHODS, device, tag, log)
+    base_src = _open(base_path)
+    if base_src is not None and not all(n in base_src for n in names):
+        base_src = None  # stored under other names than the model's: only transformers maps them
+    if mode == "stream" and base_src is None:
+        log(f"sweep {tag}: the base {base_path} is not a local safetensors directory holding the model's tensor "
+            f"names, which streaming needs; merging in memory instead")
+        mode = "memory"
+    if mode == "stream":
+        merger = merge.SubsetMerger(method, params, base_src, seed=cfg["seed"], mode="stream", device=device,
+                                    base_dtype=models.resolve_dtype(cfg["sweep"]["dtype"]), names=names,
+                                    reuse=reuse)
+    else:
+        merger = merge.SubsetMerger(method, params, {n: p.detach() for n, p in live.items()}, seed=cfg["seed"],
+                                    mode="memory", device=device, names=names, reuse=reuse)
+    base_keys = _float_keys(base_src) if base_src is not None else None
+    for d in doms:
+        src = _open(expert_dirs[d]) if base_keys is not None else None
+        if src is not None and _float_keys(src) != base_keys:
+            if mode == "stream":
+                differ = sorted(_float_keys(src) ^ base_keys)[:3]
+                raise models.ModelError(f"expert {expert_dirs[d]} does not match its base's parameters (differs at "
+                                        f"{differ}); was it fine-tuned from this base?")
+            src = None  # transformers loads it and check_compatible judges
+        if src is None and mode == "stream":
+            raise models.ModelError(f"expert {expert_dirs[d]} is not a local safetensors model directory, which "
+                                    f"streaming needs; convert it with save_pretrained, or raise "
+                                    f"sweep.max_memory_gb so that the sweep loads it into memory")
+        try:
+            if src is not None:
+                merger.add_expert(d, src)
+                continue
+            em = models.load_model(expert_dirs[d], "float32", "cpu", allow_bin=allow_bin)
+            models.check_compatible(model, em, expert_dirs[d])
+            merger.add_expert(d, {n: p.detach() for n, p in models.float_state(em).items()})
+            del em
+        except models.ModelError:
+            raise
+        except ValueError as exc:
+            raise models.ModelError(f"expert {expert_dirs[d]} does not match its base ({exc}); was it fine-tuned "
+                                    f"from this base?") from None
+    return merger
 
 
 def fingerprint(cfg: dict, size: str, method: str, base: str, expert_dirs: dict[str, str], subsets) -> str:

@@ -3,9 +3,11 @@
 Backends for experts:
 
 * ``torch`` — one process, plain PyTorch AdamW loop (CPU or one GPU). The embedded default.
-* ``openrlhf`` — OpenRLHF's SFT trainer under DeepSpeed on a cluster. Its command builder is
-  the seam ``BACKENDS['openrlhf']``; it is not implemented yet (tracked as issue #6), and asking
-  for it fails before any work with a message saying so.
+* ``openrlhf`` — OpenRLHF's SFT trainer (``openrlhf.cli.train_sft``) under DeepSpeed, one
+  subprocess per expert, on one GPU node or all nodes of a SLURM job; settings under
+  ``train.openrlhf``. The data files, the loss-mask check, the command, the run and the
+  verification live in :mod:`mergelaws.openrlhf`; the expert lands in the same place, in the
+  same HF layout and with the same ``mergelaws_expert.json`` record as the torch backend's.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | 
     t = cfg["train"]
     device = models.resolve_device(t["device"])
     tok = models.load_tokenizer(base)
-    model = models.load_model(base, "float32", device)
+    model = models.load_model(base, "float32", device, allow_bin=cfg["allow_bin_checkpoints"])
     enc = D.load_domain(cfg, domain, "train", tok, t["max_len"], limit=t["max_examples"])
     seed = _expert_seed(cfg["seed"], size, domain)
     autocast = torch.bfloat16 if t["dtype"] == "bfloat16" else None
@@ -127,10 +129,10 @@ def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | 
     return record
 
 
-def train_expert_openrlhf(cfg, size, domain, base, out):
-    raise NotImplementedError(
-        "train.backend 'openrlhf' is not implemented yet (issue #6: OpenRLHF/DeepSpeed on SLURM); "
-        "set train.backend: torch")
+def train_expert_openrlhf(cfg: dict, size: str, domain: str, base: str, out: str | Path) -> dict:
+    from mergelaws import openrlhf
+
+    return openrlhf.train_expert(cfg, size, domain, base, out, seed=_expert_seed(cfg["seed"], size, domain))
 
 
 BACKENDS = {"torch": train_expert_torch, "openrlhf": train_expert_openrlhf}

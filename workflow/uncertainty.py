@@ -3,10 +3,15 @@
 * ``bootstrap_per_size`` / ``bootstrap_draws``: resample merged subsets with replacement
   *within each k cell*, recompute the view means and refit the per-size law
   L(k) = L_inf + A/(k+b); percentile intervals per parameter.
+* ``unified_draws`` / ``bootstrap_unified``: the same resampling within each (size, k)
+  cell for the unified law L* + B N^-beta + A0 N^-gamma/(k+b), each replicate refitted from
+  the point estimate; percentile intervals per parameter and the fraction at a bound.
 * ``holdout_errors``: (a) fit on k <= 4 and predict k = 5..M; (b) with >= 4 sizes, fit the
-  unified law on the smaller sizes and predict the largest.
+  unified law on the smaller sizes and predict the largest (``fit.holdout_largest_size``).
 * ``finite_pool_fit``: the per-size law with the finite-pool correction of PAPER.md
   ("Finite-pool caveat"): L(k) = L_inf + A (M-k) / ((M-1)(k+b)), compared with the plain law.
+
+Every fit takes the ``loss`` ("linear" or "huber") and ``f_scale`` of ``fit.fit_per_size``.
 
 The bootstrap refits use ``fit_per_size_batch``, a vectorised copy of
 ``fit.fit_per_size`` (same b grid, same projection, a golden-section refinement in the
@@ -33,6 +38,9 @@ __all__ = [
     "bootstrap_draws",
     "bootstrap_per_size",
     "summarise_draws",
+    "unified_draws",
+    "summarise_unified",
+    "bootstrap_unified",
     "holdout_errors",
     "finite_pool_fit",
 ]
@@ -63,10 +71,11 @@ def _cell_rng(seed: int, *key: str) -> np.random.Generator:
 
 
 def _proj_ss(x: np.ndarray, yc: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted simple regression of centred ``yc`` (R, n) on ``x`` (R, n) or (n,).
+    """Weighted simple regression of centred ``yc`` (R, n) on ``x`` (R, n) or (n,), with
+    weights ``w`` (n,) shared by every row or (R, n) per row (``yc`` centred with them).
 
     Returns (slope, intercept-in-centred-units, residual sum of squares), each (R,)."""
-    sw = w.sum()
+    sw = w.sum(-1)
     xbar = (x * w).sum(-1) / sw
     xc = x - xbar[..., None]
     sxx = (xc * xc * w).sum(-1)
@@ -77,44 +86,28 @@ def _proj_ss(x: np.ndarray, yc: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, 
     return slope, -slope * xbar, ss
 
 
-def fit_per_size_batch(k, Y, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUNDS) -> pd.DataFrame:
-    """Fit L_inf + A/(k+b) to every row of ``Y`` (R, n) at once, as ``fit.fit_per_size``.
-
-    ``k``: (n,) with every k >= 1 (k = 0 must be removed by the caller); ``weights``:
-    ``"k"``, ``"none"`` or an (n,) array (weights on squared residuals).  Returns a frame
-    with columns L_inf, A, b, rmse, converged, b_at_bound (one row per replicate).
-    """
-    k = np.asarray(k, dtype=float).ravel()
-    Y = np.atleast_2d(np.asarray(Y, dtype=float))
-    if Y.shape[1] != k.size:
-        raise ValueError("Y must have one column per k")
-    if np.any(k < 1):
-        raise ValueError("fit_per_size_batch needs k >= 1 only")
-    w, _ = F._weights(k, weights, None)
+def _batch_ls(k: np.ndarray, Y: np.ndarray, W: np.ndarray, lo: float, hi: float):
+    """Weighted least squares of L_inf + A/(k+b) for every row of ``Y`` (R, n) with the
+    row's weights ``W`` (R, n): the b grid of ``fit.fit_per_size``, then a golden-section
+    refinement in the bracket around the best grid point.  Returns L_inf, A, b (each (R,))."""
     R = Y.shape[0]
-    lo, hi = float(b_bounds[0]), float(b_bounds[1])
-    out = pd.DataFrame({"L_inf": np.nan, "A": np.nan, "b": np.nan, "rmse": np.nan,
-                        "converged": False, "b_at_bound": False}, index=range(R))
-    finite = np.all(np.isfinite(Y), axis=1)
-    if np.unique(k).size < 3 or np.count_nonzero(w > 0) < 3 or not finite.any():
-        return out
-    ybar = (Y * w).sum(1) / w.sum()
+    wsum = W.sum(1)
+    ybar = (Y * W).sum(1) / wsum
     Yc = Y - ybar[:, None]
 
     grid = F._b_grid(lo, hi)
     X = 1.0 / (k[None, :] + grid[:, None])                          # (G, n)
-    # SS for every (replicate, grid b): centred projections
-    xbar = (X * w).sum(1) / w.sum()
-    Xc = X - xbar[:, None]
-    sxx = (Xc * Xc * w).sum(1)                                       # (G,)
-    sxy = (Yc * w) @ Xc.T                                            # (R, G)
-    syy = (Yc * Yc * w).sum(1)                                       # (R,)
-    ss_grid = syy[:, None] - sxy**2 / sxx[None, :]
+    # SS for every (replicate, grid b) with the replicate's weights: sum_w yc = 0, so
+    # sxy = sum_w x yc and sxx = sum_w x^2 - (sum_w x)^2 / sum_w
+    Sx = W @ X.T                                                     # (R, G)
+    sxx = W @ (X * X).T - Sx**2 / wsum[:, None]
+    sxy = (W * Yc) @ X.T
+    syy = (W * Yc * Yc).sum(1)
+    ss_grid = syy[:, None] - sxy**2 / np.where(sxx > 0, sxx, np.inf)
     i = np.argmin(ss_grid, axis=1)
     b_grid = grid[i]
-    ss_at_grid = ss_grid[np.arange(R), i]
     # exact SS at the grid point (the closed form above can lose digits near zero)
-    ss_at_grid = _proj_ss(1.0 / (k[None, :] + b_grid[:, None]), Yc, w)[2]
+    ss_at_grid = _proj_ss(1.0 / (k[None, :] + b_grid[:, None]), Yc, W)[2]
 
     a = grid[np.maximum(i - 1, 0)]
     c = grid[np.minimum(i + 1, grid.size - 1)]
@@ -122,7 +115,7 @@ def fit_per_size_batch(k, Y, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUNDS) ->
     g = (np.sqrt(5.0) - 1.0) / 2.0
 
     def ss_at(b):
-        return _proj_ss(1.0 / (k[None, :] + b[:, None]), Yc, w)[2]
+        return _proj_ss(1.0 / (k[None, :] + b[:, None]), Yc, W)[2]
 
     x1 = c - g * (c - a)
     x2 = a + g * (c - a)
@@ -142,17 +135,72 @@ def fit_per_size_batch(k, Y, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUNDS) ->
     ss_ref = ss_at(b_ref)
     better = ss_ref < ss_at_grid
     b = np.where(better, b_ref, b_grid)
-    x = 1.0 / (k[None, :] + b[:, None])
-    A, c0, ss = _proj_ss(x, Yc, w)
-    L_inf = ybar + c0
+    A, c0, _ = _proj_ss(1.0 / (k[None, :] + b[:, None]), Yc, W)
+    return ybar + c0, A, b
+
+
+def fit_per_size_batch(k, Y, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUNDS,
+                       loss: str = "linear", f_scale: float | None = None) -> pd.DataFrame:
+    """Fit L_inf + A/(k+b) to every row of ``Y`` (R, n) at once, as ``fit.fit_per_size``.
+
+    ``k``: (n,) with every k >= 1 (k = 0 must be removed by the caller); ``weights``:
+    ``"k"``, ``"none"`` or an (n,) array (weights on squared residuals); ``loss`` /
+    ``f_scale`` as in ``fit.fit_per_size`` (the Huber IRLS runs on every row at once, each
+    row stopping when its weights settle).  Returns a frame with columns L_inf, A, b, rmse,
+    converged, b_at_bound (one row per replicate).
+    """
+    F.check_loss(loss, f_scale)
+    k = np.asarray(k, dtype=float).ravel()
+    Y = np.atleast_2d(np.asarray(Y, dtype=float))
+    if Y.shape[1] != k.size:
+        raise ValueError("Y must have one column per k")
+    if np.any(k < 1):
+        raise ValueError("fit_per_size_batch needs k >= 1 only")
+    w, _ = F._weights(k, weights, None)
+    R = Y.shape[0]
+    lo, hi = float(b_bounds[0]), float(b_bounds[1])
+    out = pd.DataFrame({"L_inf": np.nan, "A": np.nan, "b": np.nan, "rmse": np.nan,
+                        "converged": False, "b_at_bound": False}, index=range(R))
+    finite = np.all(np.isfinite(Y), axis=1)
+    if np.unique(k).size < 3 or np.count_nonzero(w > 0) < 3 or not finite.any():
+        return out
+    Yf = np.where(finite[:, None], Y, 0.0)
+    L_inf, A, b = _batch_ls(k, Yf, np.broadcast_to(w, Yf.shape), lo, hi)
+    if loss == "huber":
+        L_inf, A, b = _batch_huber(k, Yf, w, lo, hi, f_scale, (L_inf, A, b))
     pred = L_inf[:, None] + A[:, None] / (k[None, :] + b[:, None])
-    rmse = np.sqrt(np.mean((Y - pred) ** 2, axis=1))
+    rmse = np.sqrt(np.mean((Yf - pred) ** 2, axis=1))
     tol = 1e-6 * max(1.0, hi - lo)
     out["L_inf"], out["A"], out["b"], out["rmse"] = L_inf, A, b, rmse
     out["converged"] = finite & np.isfinite(L_inf) & np.isfinite(A) & np.isfinite(b)
     out["b_at_bound"] = (b <= lo + tol) | (b >= hi - tol)
     out.loc[~out["converged"], ["L_inf", "A", "b", "rmse"]] = np.nan
     return out
+
+
+def _batch_huber(k, Y, w, lo, hi, f_scale, sol, max_iter=F._IRLS_MAX_ITER, tol=F._IRLS_TOL):
+    """``fit._huber_irls`` on every row at once (same scale, weights and stopping rule)."""
+    L_inf, A, b = (np.array(v, dtype=float) for v in sol)
+    pos = w > 0
+    rw = np.sqrt(w / np.mean(w[pos]))
+    H = np.ones_like(Y)
+    done = np.zeros(Y.shape[0], dtype=bool)
+    tiny = 1e-13 * np.maximum(1.0, np.max(np.abs(Y), axis=1))
+    for _ in range(max_iter):
+        r = rw * (Y - (L_inf[:, None] + A[:, None] / (k[None, :] + b[:, None])))
+        if f_scale is None:
+            s = F.HUBER_TUNING * np.median(np.abs(r[:, pos]), axis=1) * F._MAD_TO_SD
+        else:
+            s = np.full(Y.shape[0], float(f_scale))
+        exact = ~np.isfinite(s) | (s <= tiny)
+        Hn = np.where(exact[:, None], H, F.huber_weights(r, np.where(exact, 1.0, s)[:, None]))
+        done |= exact | (np.max(np.abs(Hn - H), axis=1) <= tol)
+        if done.all():
+            break
+        todo = ~done
+        H[todo] = Hn[todo]
+        L_inf[todo], A[todo], b[todo] = _batch_ls(k, Y[todo], w * H[todo], lo, hi)
+    return L_inf, A, b
 
 
 # --------------------------------------------------------------------------------------
@@ -183,22 +231,26 @@ def _resampled_means(g: pd.DataFrame, n_boot: int, rng: np.random.Generator):
 
 
 def bootstrap_draws(losses: pd.DataFrame, view: str = "cross_domain", n_boot: int = 200,
-                    seed: int = 0, weights: Any = "k",
-                    b_bounds=F.DEFAULT_B_BOUNDS) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    seed: int = 0, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUNDS,
+                    loss: str = "linear", f_scale: float | None = None,
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Bootstrap replicates of the per-size fit for every (size, method).
 
     Returns ``(points, draws)``: ``points`` has one row per (size, method) with the fit of
     ``fit.fit_per_size`` on the observed means (as ``fit.fit_all``); ``draws`` has one row per
     (size, method, replicate) with columns L_inf, A, b, rmse, converged, b_at_bound.
+    ``loss`` / ``f_scale``: as in ``fit.fit_per_size`` (every replicate is fitted the same way).
     """
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
+    F.check_loss(loss, f_scale)
     values = per_subset_values(losses, view)
     points, draws = [], []
     for size, params, method, g in _cells(values):
         rng = _cell_rng(seed, size, method, view)
         k, m, s, boot = _resampled_means(g, n_boot, rng)
-        f = F.fit_per_size(k, m, weights=weights, b_bounds=b_bounds, sem=s)
+        f = F.fit_per_size(k, m, weights=weights, b_bounds=b_bounds, sem=s, loss=loss,
+                           f_scale=f_scale)
         points.append({"size": size, "params": params, "method": method, "view": view,
                        **{p: f[p] for p in PARAMS}, "r2": f["r2"], "rmse": f["rmse"],
                        "converged": f["converged"], "n_k": f["n_k"],
@@ -207,12 +259,14 @@ def bootstrap_draws(losses: pd.DataFrame, view: str = "cross_domain", n_boot: in
             # the weights change with every replicate: refit one by one
             rows = []
             for r in range(n_boot):
-                fr = F.fit_per_size(k, boot[r], weights="sem", b_bounds=b_bounds, sem=s)
+                fr = F.fit_per_size(k, boot[r], weights="sem", b_bounds=b_bounds, sem=s,
+                                    loss=loss, f_scale=f_scale)
                 rows.append({p: fr[p] for p in PARAMS} | {"rmse": fr["rmse"],
                             "converged": fr["converged"], "b_at_bound": "b" in fr["at_bound"]})
             d = pd.DataFrame(rows)
         elif k.size:
-            d = fit_per_size_batch(k, boot, weights=weights, b_bounds=b_bounds)
+            d = fit_per_size_batch(k, boot, weights=weights, b_bounds=b_bounds, loss=loss,
+                                   f_scale=f_scale)
         else:
             d = fit_per_size_batch(np.arange(1.0, 4.0), np.full((n_boot, 3), np.nan))
         d.insert(0, "rep", np.arange(n_boot))
@@ -229,10 +283,15 @@ def bootstrap_draws(losses: pd.DataFrame, view: str = "cross_domain", n_boot: in
     return pts, dr
 
 
+def _interval(v: np.ndarray, level: float) -> tuple[float, float]:
+    if not v.size:
+        return float("nan"), float("nan")
+    return (float(np.percentile(v, 50 * (1 - level))), float(np.percentile(v, 50 * (1 + level))))
+
+
 def summarise_draws(points: pd.DataFrame, draws: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """Long table: one row per (size, method, parameter) with the point estimate, the
     percentile interval of the converged replicates, and the converged fraction."""
-    lo_q, hi_q = 50 * (1 - level), 50 * (1 + level)
     rows = []
     for _, p in points.iterrows():
         d = draws[(draws["size"] == p["size"]) & (draws["method"] == p["method"])]
@@ -240,11 +299,10 @@ def summarise_draws(points: pd.DataFrame, draws: pd.DataFrame, level: float = 0.
         frac = float(len(ok) / len(d)) if len(d) else float("nan")
         for name in PARAMS:
             v = ok[name].to_numpy(dtype=float)
+            lo, hi = _interval(v, level)
             rows.append({
                 "size": p["size"], "params": p["params"], "method": p["method"], "view": p["view"],
-                "parameter": name, "estimate": p[name],
-                "lo": float(np.percentile(v, lo_q)) if v.size else float("nan"),
-                "hi": float(np.percentile(v, hi_q)) if v.size else float("nan"),
+                "parameter": name, "estimate": p[name], "lo": lo, "hi": hi,
                 "boot_median": float(np.median(v)) if v.size else float("nan"),
                 "boot_sd": float(np.std(v, ddof=1)) if v.size > 1 else float("nan"),
                 "n_boot": int(len(d)), "frac_converged": frac,
@@ -255,7 +313,8 @@ def summarise_draws(points: pd.DataFrame, draws: pd.DataFrame, level: float = 0.
 
 def bootstrap_per_size(losses: pd.DataFrame, view: str = "cross_domain", n_boot: int = 200,
                        seed: int = 0, weights: Any = "k", level: float = 0.95,
-                       b_bounds=F.DEFAULT_B_BOUNDS) -> pd.DataFrame:
+                       b_bounds=F.DEFAULT_B_BOUNDS, loss: str = "linear",
+                       f_scale: float | None = None) -> pd.DataFrame:
     """Percentile-bootstrap intervals of the per-size law's parameters.
 
     For each (size, method): resample the merged subsets with replacement within each k cell
@@ -266,8 +325,125 @@ def bootstrap_per_size(losses: pd.DataFrame, view: str = "cross_domain", n_boot:
     boot_sd, n_boot, frac_converged, frac_b_at_bound.  A k cell with one subset (k = M) is
     the same in every replicate.  Deterministic for a seed.
     """
-    points, draws = bootstrap_draws(losses, view, n_boot, seed, weights, b_bounds)
+    points, draws = bootstrap_draws(losses, view, n_boot, seed, weights, b_bounds, loss, f_scale)
     return summarise_draws(points, draws, level)
+
+
+# --------------------------------------------------------------------------------------
+# Bootstrap of the unified law
+# --------------------------------------------------------------------------------------
+
+
+def _resampled_cells(values: pd.DataFrame, n_boot: int, rng: np.random.Generator):
+    """N (billions), k, means, sems (each (C,)) and bootstrap means (n_boot, C) over the
+    (size, k >= 1) cells of one (method, view)'s per-subset values, sorted by params, k."""
+    g = values[values["k"] >= 1].sort_values(["params", "k", "subset"], kind="mergesort")
+    Ns, ks, means, sems, boot = [], [], [], [], []
+    for (params, k), h in g.groupby(["params", "k"], sort=True):
+        v = h["value"].to_numpy(dtype=float)
+        idx = rng.integers(0, v.size, size=(n_boot, v.size))
+        Ns.append(params / 1e9)
+        ks.append(float(k))
+        means.append(v.mean())
+        sems.append(v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0)
+        boot.append(v[idx].mean(axis=1))
+    if not ks:
+        e = np.array([])
+        return e, e, e, e, np.empty((n_boot, 0))
+    return np.array(Ns), np.array(ks), np.array(means), np.array(sems), np.column_stack(boot)
+
+
+def unified_draws(values: pd.DataFrame, point: dict, n_boot: int = 200, seed: int = 0,
+                  weights: Any = "k", loss: str = "linear", f_scale: float | None = None,
+                  bounds: dict | None = None, key: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Bootstrap replicates of the unified law for one (method, view).
+
+    ``values``: that (method, view)'s per-subset values (``per_subset_values``, one method);
+    ``point``: its ``fit.fit_unified`` result.  Each replicate resamples the merged subsets
+    with replacement within every (size, k) cell, recomputes the means and refits the law
+    from the point estimate's (beta, gamma, b) (a warm start: the replicates are
+    perturbations of the same data), with the same weights (``"sem"``: the observed sems),
+    loss and bounds (Huber with an automatic threshold: the point fit's threshold, fixed).
+    The random stream is seeded by (``seed``, ``key``), so a (method, view)'s draws do not
+    depend on the other fits.  Returns one row per replicate: rep, the six parameters, rmse,
+    converged, and ``at_bound_<p>`` flags.
+    """
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    cols = (["rep", *F.UNIFIED_PARAMS, "rmse", "converged"]
+            + [f"at_bound_{p}" for p in F.UNIFIED_PARAMS])
+    if not point.get("converged"):
+        return pd.DataFrame(columns=cols)
+    rng = _cell_rng(seed, "unified", *key)
+    N, k, _m, s, boot = _resampled_cells(values, n_boot, rng)
+    start = (point["beta"], point["gamma"], point["b"])
+    if loss == "huber" and f_scale is None and point.get("f_scale"):
+        f_scale = float(point["f_scale"])  # the point fit's automatic threshold, held fixed
+    rows = []
+    for r in range(n_boot):
+        f = F.fit_unified(N, k, boot[r], weights=weights, bounds=bounds, sem=s, loss=loss,
+                          f_scale=f_scale, start=start)
+        row = {"rep": r, **{p: f[p] for p in F.UNIFIED_PARAMS}, "rmse": f["rmse"],
+               "converged": bool(f["converged"])}
+        row.update({f"at_bound_{p}": p in f["at_bound"] for p in F.UNIFIED_PARAMS})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def summarise_unified(point: dict, draws: pd.DataFrame, level: float = 0.95) -> dict:
+    """Percentile intervals of the unified law from ``unified_draws``: ``{"ci": {p: {lo, hi,
+    sd, median, frac_at_bound}}, "n_boot", "boot_frac_converged", "level"}``."""
+    ok = draws[draws["converged"].astype(bool)] if len(draws) else draws
+    ci = {}
+    for p in F.UNIFIED_PARAMS:
+        v = ok[p].to_numpy(dtype=float) if len(ok) else np.array([])
+        v = v[np.isfinite(v)]
+        lo, hi = _interval(v, level)
+        ci[p] = {"lo": lo, "hi": hi,
+                 "sd": float(np.std(v, ddof=1)) if v.size > 1 else float("nan"),
+                 "median": float(np.median(v)) if v.size else float("nan"),
+                 "frac_at_bound": float(ok[f"at_bound_{p}"].astype(bool).mean()) if len(ok) else float("nan")}
+    return {"ci": ci, "n_boot": int(len(draws)),
+            "boot_frac_converged": float(len(ok) / len(draws)) if len(draws) else float("nan"),
+            "level": float(level)}
+
+
+def bootstrap_unified(losses: pd.DataFrame, view: str = "cross_domain", n_boot: int = 200,
+                      seed: int = 0, weights: Any = "k", level: float = 0.95,
+                      loss: str = "linear", f_scale: float | None = None,
+                      bounds: dict | None = None) -> pd.DataFrame:
+    """Percentile-bootstrap intervals of the unified law's parameters, per method, for one
+    view: the fit of ``fit.fit_all`` on the observed means, then ``unified_draws``.
+
+    Returns one row per (method, parameter): method, view, parameter (``fit.UNIFIED_PARAMS``),
+    estimate, lo, hi, boot_median, boot_sd, frac_at_bound, n_boot, frac_converged, r2, rmse,
+    converged (of the point fit) and at_bound (the point estimate sits at a bound).
+    Deterministic for a seed (the same intervals as ``fit.fit_all(..., n_boot, seed)``).
+    """
+    df = F._normalise_losses(losses)
+    table = F._view_table_df(df, [view])
+    values = F._per_subset(df, view)
+    rows = []
+    for method, g in table.groupby("method", sort=True):
+        g = g.sort_values(["params", "k"])
+        f = F.fit_unified(g["params"].to_numpy() / 1e9, g["k"].to_numpy(), g["mean"].to_numpy(),
+                          weights=weights, bounds=bounds, sem=g["sem"].to_numpy(), loss=loss,
+                          f_scale=f_scale)
+        draws = unified_draws(values[values["method"] == method], f, n_boot=n_boot, seed=seed,
+                              weights=weights, loss=loss, f_scale=f_scale, bounds=bounds,
+                              key=(str(method), str(view)))
+        s = summarise_unified(f, draws, level)
+        for p in F.UNIFIED_PARAMS:
+            c = s["ci"][p]
+            rows.append({"method": method, "view": view, "parameter": p, "estimate": f[p],
+                         "lo": c["lo"], "hi": c["hi"], "boot_median": c["median"],
+                         "boot_sd": c["sd"], "frac_at_bound": c["frac_at_bound"],
+                         "n_boot": s["n_boot"], "frac_converged": s["boot_frac_converged"],
+                         "r2": f["r2"], "rmse": f["rmse"], "converged": f["converged"],
+                         "at_bound": p in f["at_bound"]})
+    return pd.DataFrame(rows, columns=["method", "view", "parameter", "estimate", "lo", "hi",
+                                       "boot_median", "boot_sd", "frac_at_bound", "n_boot",
+                                       "frac_converged", "r2", "rmse", "converged", "at_bound"])
 
 
 # --------------------------------------------------------------------------------------
@@ -276,21 +452,23 @@ def bootstrap_per_size(losses: pd.DataFrame, view: str = "cross_domain", n_boot:
 
 
 def holdout_errors(losses: pd.DataFrame, view: str = "cross_domain", k_fit_max: int = 4,
-                   weights: Any = "k") -> pd.DataFrame:
+                   weights: Any = "k", loss: str = "linear",
+                   f_scale: float | None = None) -> pd.DataFrame:
     """Out-of-sample errors of the laws.
 
     (a) ``kind="k_extrapolation"``, one row per (size, method): fit the per-size law on
     1 <= k <= ``k_fit_max``, predict k = k_fit_max+1..M (M = the largest k measured) and
     compare with the measured means: ``mae`` (mean absolute error), ``max_rel_err``
     (max |pred - meas| / meas), ``err_at_M`` (signed, pred - meas at k = M).
-    (b) ``kind="size_extrapolation"``, one row per method: with >= 4 sizes, fit the unified
-    law on all but the largest size and predict the largest at every k >= 1; with fewer,
-    a row with ``reason`` (the unified law needs >= 3 sizes to fit, so >= 4 to hold one out).
+    (b) ``kind="size_extrapolation"``, one row per method (``fit.holdout_largest_size``):
+    with >= 4 sizes, fit the unified law on all but the largest size and predict the largest
+    at every k >= 1 (``rmse`` and ``insample_rmse``, the all-size fit's error on the same
+    points, too); with fewer, ``reason`` says "skipped: needs >= 4 sizes ...".
     """
     table = F.view_table(losses, [view])
     rows = []
-    cols = ["kind", "size", "method", "view", "fit_k", "predict_k", "mae", "max_rel_err",
-            "err_at_M", "n_predicted", "converged", "reason"]
+    cols = ["kind", "size", "method", "view", "fit_k", "predict_k", "mae", "rmse", "max_rel_err",
+            "err_at_M", "insample_rmse", "n_predicted", "converged", "reason"]
     if table.empty:
         return pd.DataFrame(columns=cols)
     for (params, size, method), h in table.groupby(["params", "size", "method"], sort=True):
@@ -299,7 +477,7 @@ def holdout_errors(losses: pd.DataFrame, view: str = "cross_domain", k_fit_max: 
         fitp = h[h["k"] <= k_fit_max]
         test = h[h["k"] > k_fit_max]
         f = F.fit_per_size(fitp["k"].to_numpy(), fitp["mean"].to_numpy(), weights=weights,
-                           sem=fitp["sem"].to_numpy())
+                           sem=fitp["sem"].to_numpy(), loss=loss, f_scale=f_scale)
         row = {"kind": "k_extrapolation", "size": size, "method": method, "view": view,
                "fit_k": f"1..{k_fit_max}", "predict_k": f"{k_fit_max + 1}..{M}",
                "converged": f["converged"], "reason": f["reason"], "n_predicted": int(len(test))}
@@ -307,33 +485,26 @@ def holdout_errors(losses: pd.DataFrame, view: str = "cross_domain", k_fit_max: 
             pred = F.predict_per_size(f, test["k"].to_numpy())
             meas = test["mean"].to_numpy()
             row.update(mae=float(np.mean(np.abs(pred - meas))),
+                       rmse=float(np.sqrt(np.mean((pred - meas) ** 2))),
                        max_rel_err=float(np.max(np.abs(pred - meas) / np.abs(meas))),
                        err_at_M=float(pred[-1] - meas[-1]))
         elif f["converged"]:
             row["reason"] = f"no k > {k_fit_max} measured"
         rows.append(row)
-    sizes = table[["params", "size"]].drop_duplicates().sort_values("params")
     for method, g in table[table["k"] >= 1].groupby("method", sort=True):
-        row = {"kind": "size_extrapolation", "method": method, "view": view, "fit_k": "all"}
-        if len(sizes) < 4:
-            row.update(size=str(sizes["size"].iloc[-1]) if len(sizes) else None, converged=False,
-                       reason=f"needs >= 4 sizes (the unified law needs >= 3 to fit, plus 1 "
-                              f"held out); this table has {len(sizes)}")
-            rows.append(row)
-            continue
-        big_params, big = int(sizes["params"].iloc[-1]), str(sizes["size"].iloc[-1])
-        tr, te = g[g["params"] != big_params], g[g["params"] == big_params].sort_values("k")
-        f = F.fit_unified(tr["params"].to_numpy() / 1e9, tr["k"].to_numpy(), tr["mean"].to_numpy(),
-                          weights=weights, sem=tr["sem"].to_numpy())
-        row.update(size=big, predict_k=f"1..{int(te['k'].max())}", converged=f["converged"],
-                   reason=f["reason"], n_predicted=int(len(te)))
-        if f["converged"] and len(te):
-            pred = F.predict_unified(f, te["params"].to_numpy() / 1e9, te["k"].to_numpy())
-            meas = te["mean"].to_numpy()
-            row.update(mae=float(np.mean(np.abs(pred - meas))),
-                       max_rel_err=float(np.max(np.abs(pred - meas) / np.abs(meas))),
-                       err_at_M=float(pred[-1] - meas[-1]))
-        rows.append(row)
+        g = g.sort_values(["params", "k"])
+        full = None
+        if g["params"].nunique() >= F.MIN_SIZES_HOLDOUT:
+            full = F.fit_unified(g["params"].to_numpy() / 1e9, g["k"].to_numpy(),
+                                 g["mean"].to_numpy(), weights=weights, sem=g["sem"].to_numpy(),
+                                 loss=loss, f_scale=f_scale)
+        ho = F.holdout_largest_size(g, weights=weights, loss=loss, f_scale=f_scale, full_fit=full)
+        rows.append({"kind": "size_extrapolation", "size": ho["size"], "method": method,
+                     "view": view, "fit_k": "all", "predict_k": ho["predict_k"],
+                     "mae": ho["mae"], "rmse": ho["rmse"], "max_rel_err": ho["max_rel_err"],
+                     "err_at_M": ho["err_at_M"], "insample_rmse": ho["insample_rmse"],
+                     "n_predicted": ho["n_predicted"], "converged": ho["converged"],
+                     "reason": None if ho["status"] == "ok" else ho["status"]})
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -349,8 +520,11 @@ def finite_pool_fit(k, y, M: int, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUND
     Exact averaging over the k-subsets of a fixed pool of M experts multiplies the quadratic
     (dispersion) term by (M-k)/(M-1) (PAPER.md, "Finite-pool caveat"), so the curve reaches
     its floor L_inf at k = M: here L_inf is the loss of the full-pool merge, not an
-    infinite-pool limit.  Returns ``{"finite_pool": {...}, "plain": {...}, "M": M,
-    "better": "finite_pool" | "plain", "delta_r2": r2_fp - r2_plain,
+    infinite-pool limit.  Since A (M-k)/((M-1)(k+b)) = [A (M+b)/(M-1)]/(k+b) - A/(M-1),
+    the two laws span the same curves for the same b: they differ in what L_inf and A mean,
+    not in fit, and ``better`` is ``"tie"`` unless their rmse differ by more than 1e-9 x the
+    spread of y (numerical noise).  Returns ``{"finite_pool": {...}, "plain": {...}, "M": M,
+    "better": "finite_pool" | "plain" | "tie", "delta_r2": r2_fp - r2_plain,
     "delta_rmse": rmse_fp - rmse_plain}``; both fits carry L_inf, A, b, r2 (unweighted),
     r2_weighted, rmse, converged, at_bound.
     """
@@ -390,7 +564,9 @@ def finite_pool_fit(k, y, M: int, weights: Any = "k", b_bounds=F.DEFAULT_B_BOUND
     if fp["converged"] and plain["converged"]:
         out["delta_r2"] = fp["r2"] - plain["r2"]
         out["delta_rmse"] = fp["rmse"] - plain["rmse"]
-        out["better"] = "finite_pool" if fp["rmse"] < plain["rmse"] else "plain"
+        tol = 1e-9 * max(float(np.std(yy)), 1e-300)
+        out["better"] = ("tie" if abs(out["delta_rmse"]) <= tol else
+                         "finite_pool" if fp["rmse"] < plain["rmse"] else "plain")
     else:
         out.update(delta_r2=float("nan"), delta_rmse=float("nan"), better=None)
     return out
