@@ -110,9 +110,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[c[0] for c in CASES])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
-    base, *experts = make_checkpoints(work)
+    if args.generate_only:
+        make_checkpoints(work)
+        return
+    # generated in a child: this process stays small (no torch), so a forked child's peak RSS is its own
+    subprocess.run([sys.executable, __file__, "--workdir", str(work), "--generate-only"], check=True)
+    base, *experts = [work / "base"] + [work / f"e{j}" for j in range(4)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = []
     for method, mp, shared in CASES:

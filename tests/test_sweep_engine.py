@@ -424,3 +424,32 @@ def test_incompatible_expert_is_refused_in_stream_mode(sweep_setup, tmp_path):
     bad = dict(dirs, quotes=str(ROOT / "data" / "bases" / "s"))
     with pytest.raises(models.ModelError, match="was it fine-tuned from this base"):
         run_sweep(c, "xs", "average", tmp_path / "x.parquet", expert_dirs=bad, log=lambda *_: None)
+
+
+def test_della_rank_order_equals_stable_argsort():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(257, 300), (5000,), (40, 3, 7)]:
+        for kind in ("normal", "discrete", "nan"):
+            v = torch.randn(shape, generator=g)
+            if kind == "discrete":
+                v = torch.randint(-3, 4, shape, generator=g).float()
+            if kind == "nan":
+                v.view(-1)[::97] = float("nan")
+            rows = v.reshape(1, -1) if v.dim() < 2 else v.reshape(v.shape[0], -1)
+            assert torch.equal(M._stable_abs_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
+
+
+def test_all_finite_and_where0_are_exact():
+    x = torch.randn(1000)
+    assert M._all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[500] = bad
+        assert not M._all_finite(y)
+    big = torch.full((10,), 3e38)  # finite entries whose sum overflows
+    assert M._all_finite(big)
+    v = torch.tensor([1.5, -0.0, float("nan"), -2.0, float("inf"), 0.0])
+    mask = torch.tensor([True, True, True, False, False, True])
+    ref = torch.where(mask, v, 0.0)
+    got = M._where0(mask, v)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))

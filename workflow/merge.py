@@ -41,8 +41,18 @@ __all__ = [
     "params_json_schema",
     "tensor_seed",
     "ties_keep_count",
+    "kth_smallest",
     "merge_deltas",
     "merge_state_dicts",
+    "CheckpointError",
+    "SafetensorsSource",
+    "DictSource",
+    "SUM_METHODS",
+    "sum_coefficient",
+    "reuse_order",
+    "MergeCost",
+    "SubsetMerger",
+    "merge_memory_estimate",
 ]
 
 
@@ -285,6 +295,13 @@ def _blocks(n: int, block: int | None = None):
         yield slice(s, min(n, s + block))
 
 
+def _all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()``: a finite sum proves it (a NaN or inf entry makes the sum
+    non-finite) at ~0.2 ns an entry, where isfinite(...).all() takes ~6; only a non-finite sum
+    (a non-finite entry, or an overflow) pays for the exact check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
@@ -387,14 +404,19 @@ def _keep_by_abs(v: Tensor, out: Tensor, *, ge: Tensor | None = None, gt: Tensor
     return out
 
 
-def _keep_gt_and_first_ties(v: Tensor, out: Tensor, t: Tensor, n_keep: int) -> Tensor:
-    """``out = torch.where(_keep_mask(|v|, t, n_keep), v, 0.0)``, blockwise (two passes)."""
+def _keep_gt_and_first_ties(v: Tensor, out: Tensor, t: Tensor, n_keep: int,
+                            n_lt_eq: tuple[int, int] | None = None) -> Tensor:
+    """``out = torch.where(_keep_mask(|v|, t, n_keep), v, 0.0)``, blockwise; ``n_lt_eq``: the
+    counts of |v| < t and == t (from kth_smallest), which give the count > t when v has no NaN."""
     vf, of = v.reshape(-1), out.view(-1)
     n = vf.numel()
     buf = torch.empty(min(n, _BLOCK), dtype=vf.dtype, device=vf.device)
-    n_gt = 0
-    for sl in _blocks(n):
-        n_gt += int(torch.count_nonzero(torch.abs(vf[sl], out=buf[:sl.stop - sl.start]) > t))
+    if n_lt_eq is not None and not math.isnan(float(vf.sum())):  # no NaN: every entry is <, == or > t
+        n_gt = n - n_lt_eq[0] - n_lt_eq[1]
+    else:
+        n_gt = 0
+        for sl in _blocks(n):
+            n_gt += int(torch.count_nonzero(torch.abs(vf[sl], out=buf[:sl.stop - sl.start]) > t))
     left = n_keep - n_gt
     for sl in _blocks(n):
         a = torch.abs(vf[sl], out=buf[:sl.stop - sl.start])
@@ -446,7 +468,7 @@ def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: T
                 if n - n_lt == n_keep:  # no tie at t is cut: keep |v| >= t
                     _keep_by_abs(v, trimmed[i], ge=t)
                 else:  # |v| > t, then entries == t in flat order up to the count
-                    _keep_gt_and_first_ties(v, trimmed[i], t, n_keep)
+                    _keep_gt_and_first_ties(v, trimmed[i], t, n_keep, (n_lt, n_eq))
                 continue
             absv = v.abs()
             mask = _keep_mask(absv, t, n_keep)
@@ -458,38 +480,16 @@ def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: T
     return trimmed
 
 
-def _elect(trimmed: Tensor, zero_sign: str, majority_sign: float | None) -> Tensor:
-    """Elected sign per entry: sign(sum_i trimmed_i); entries whose sum is 0 get
-    +1 ('positive') or the sign most entries elected ('majority', ties -> +1)."""
-    elected = torch.sign(trimmed.sum(0))
-    if zero_sign == "positive":
-        fill = 1.0
-    elif majority_sign is not None:
-        fill = majority_sign
-    else:
-        fill = _majority(elected)
-    return torch.where(elected == 0, torch.full_like(elected, fill), elected)
-
-
 def _majority(elected: Tensor) -> float:
     """+1 or -1: the sign held by most entries of ``elected``; +1 on a tie."""
     return -1.0 if float(elected.sum()) < 0 else 1.0
 
 
-def _disjoint_mean(trimmed: Tensor, elected: Tensor) -> Tensor:
-    """Mean over the models whose (nonzero) entry agrees with the elected sign."""
-    total = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
-    for t in trimmed:  # one model at a time: less memory than [k, ...] masks
-        agree = t * elected > 0  # elected is +-1, so this is "same sign and nonzero"
-        total += torch.where(agree, t, 0.0)
-        count += agree
-    return total / count.clamp_min(1)
-
-
 def _elect_and_mean(trimmed: Tensor, zero_sign: str, majority_sign: float | None, scale: float) -> Tensor:
-    """``_disjoint_mean(trimmed, _elect(trimmed, ...)) * scale``, bit for bit, with the
-    elementwise part done blockwise. The sum over models stays one whole-tensor
+    """TIES's sign election and disjoint mean, times ``scale``: elected = sign(sum_i trimmed_i),
+    entries whose sum is 0 get +1 ('positive') or the sign most entries elected ('majority',
+    ties -> +1); then the mean over the models whose (nonzero) entry agrees with it (count
+    clamped >= 1). The elementwise part runs blockwise. The sum over models stays one whole-tensor
     ``trimmed.sum(0)``: torch's reduction order over k depends on the tensor's shape, and
     the elected sign of an entry whose sum cancels must not change."""
     total_sum = trimmed.sum(0)
@@ -508,11 +508,19 @@ def _elect_and_mean(trimmed: Tensor, zero_sign: str, majority_sign: float | None
         elected = torch.add(elected, elected == 0, alpha=fill)  # = where(elected == 0, fill, elected)
         total = torch.zeros_like(elected)
         count = torch.zeros_like(elected)
-        for i in range(k):
-            t = rows[i, sl]
-            agree = t * elected > 0
-            total += _where0(agree, t)
-            count += agree
+        if _all_finite(sums[sl]):  # every entry finite: float-only arithmetic, same result
+            agree = torch.empty_like(elected)
+            for i in range(k):
+                t = rows[i, sl]
+                torch.sign(t, out=agree).mul_(elected).clamp_(min=0.0)  # 1.0 where t * elected > 0, else 0
+                total.addcmul_(t, agree)  # exact: t or a zero, as where(agree, t, 0)
+                count += agree
+        else:
+            for i in range(k):
+                t = rows[i, sl]
+                agree = t * elected > 0
+                total += _where0(agree, t)
+                count += agree
         res = total / count.clamp_min(1)
         if scale != 1.0:  # x * 1.0 == x exactly
             res = res * scale
@@ -825,7 +833,7 @@ def combine_deltas(sparse: Tensor, weights: Tensor | None = None, *, consensus: 
     consensus: elected = +1 where sum_i u_i >= 0 else -1; agree_i = sign(u_i) == elected
       (zeros never agree); merged = sum_i u_i [agree_i], divided (normalize) by
       sum_i w_i [agree_i] (0 -> 1). With w = 1 this is TIES's sign election and
-      disjoint mean (exactly ``ties``'s _elect('positive') + _disjoint_mean).
+      disjoint mean (exactly ``ties`` with zero_sign 'positive').
     no consensus: merged = sum_i u_i, divided (normalize) by sum_i w_i (|.| < 1e-8 -> 1).
     Entry by entry (the sums over models are sequential), so it runs blockwise.
     """
@@ -861,6 +869,18 @@ def _combine_consensus(sparse: Tensor, w: Tensor, normalize: bool) -> Tensor:
     for u in us[1:]:
         total += u
     elected = (total >= 0).to(sparse.dtype).mul_(2.0).sub_(1.0)  # = where(sum >= 0, 1.0, -1.0)
+    if _all_finite(total):  # every u finite: float-only arithmetic, same result
+        total.zero_()
+        div = torch.zeros_like(total)
+        agree = torch.empty_like(total)
+        for i in range(k):
+            torch.sign(us[i], out=agree).mul_(elected).clamp_(min=0.0)  # 1.0 where sign(u) == elected, else 0
+            total.addcmul_(us[i], agree)  # u * agree is exact (u or a zero), as where(agree, u, 0)
+            if ones[i]:
+                div += agree
+            else:
+                div.add_(agree * w[i])
+        return total if not normalize else total / div.add_(div == 0)
     total = torch.zeros_like(sparse[0])
     div = torch.zeros_like(sparse[0])
     for i in range(k):
@@ -1457,6 +1477,7 @@ class SubsetMerger:
         self.cost = MergeCost()
         self.last_nonfinite: list[str] = []
         self._experts: dict[str, Any] = {}  # key -> source (stream) or flat task vector (memory)
+        self._setup_read = 0
         offsets, o = {}, 0
         for n in self.names:
             offsets[n] = o
@@ -1503,9 +1524,11 @@ class SubsetMerger:
             self._experts[key] = src
             return
         flat = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        before = getattr(src, "bytes_read", 0)
         for n in self.names:
             torch.sub(src.get(n).to(self.device).float(), self._view(self._base_flat, n), out=self._view(flat, n))
             src.release(n)
+        self._setup_read += getattr(src, "bytes_read", 0) - before
         self._experts[key] = flat
 
     def _delta(self, key: str, n: str, b: Tensor | None = None, out: Tensor | None = None) -> Tensor:
@@ -1525,8 +1548,9 @@ class SubsetMerger:
                 src.release(n)
 
     def bytes_read(self) -> int:
+        """Bytes of weights read so far (setting up and merging)."""
         srcs = [self._base_src] + [e for e in self._experts.values() if not isinstance(e, Tensor)]
-        return sum(getattr(s, "bytes_read", 0) for s in srcs)
+        return self._setup_read + sum(getattr(s, "bytes_read", 0) for s in srcs)
 
     def held_bytes(self) -> int:
         """Bytes of tensors this merger holds (base, task vectors, running sum)."""
@@ -1557,7 +1581,7 @@ class SubsetMerger:
                 result[n] = value.clone() if scratch else value
             else:
                 out[n].copy_(value)
-            if not bool(torch.isfinite(result[n]).all()):
+            if not _all_finite(result[n]):
                 bad.append(n)
 
         if not members:
@@ -1652,12 +1676,15 @@ def merge_memory_estimate(numel: int, largest: int, n_experts: int, *, mode: str
     """Bytes a :class:`SubsetMerger` holds (and needs as scratch) for a model of ``numel`` merged
     floating parameters whose largest tensor has ``largest`` entries, with ``n_experts``
     experts: fp32 base and task vectors (memory mode), running sum (sum reuse), and the
-    per-tensor working set of a direct merge (the [k, ...] task vectors of one tensor and the
-    method's temporaries, ~3 of that size, k <= n_experts)."""
+    per-tensor working set (an upper bound: measured peaks on a 148M-parameter model were
+    70-95% of it, benchmarks/bench_sweep_memory.py)."""
     f = 4
     held = {"base": numel * f if mode == "memory" else 0,
             "task_vectors": numel * f * n_experts if mode == "memory" else 0,
             "running_sum": numel * f if reuse else 0}
-    held["working"] = largest * f * (3 * n_experts + 4)
+    # one tensor's working set: running-sum steps touch a few tensors (the base's, the experts'
+    # being added or removed, a scratch output); a direct merge stacks k task vectors and the
+    # method makes ~2k + 4 more of that size (trimmed/sparse copies, masks, sums)
+    held["working"] = largest * f * ((n_experts + 4) if reuse else (3 * n_experts + 4))
     held["total"] = sum(held.values())
     return held

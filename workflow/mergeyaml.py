@@ -332,10 +332,11 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
               allow_bin: bool = False, log=print) -> MergePlan:
     """Merge the checkpoints of a mergekit YAML into the Hugging Face directory ``out`` (atomically).
 
-    Tensor by tensor: each input's safetensors files are memory-mapped and read one tensor at a
-    time, the merged tensor is written straight into the output file, and the pages read are
-    dropped again, so the peak memory is about one tensor per input plus the method's working
-    set for that tensor, whatever the model size (logged). Inputs that are not local
+    Tensor by tensor: each input's tensor is read from its safetensors file into a buffer reused
+    for every tensor (the k task vectors are formed in place), merged, and written straight into
+    the output file (header first), so the peak memory is about one tensor per input plus the
+    output tensor and the method's temporaries, (2k + 4) x the largest tensor, whatever the
+    model size (logged). Inputs that are not local
     safetensors directories (hub ids, .bin with --allow-bin) are loaded whole through
     transformers first (logged).
     """
@@ -394,12 +395,11 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
         (Path(tmp) / "mergelaws_merge.json").write_text(
             json.dumps(json.loads(json.dumps(record, default=str)), indent=2, sort_keys=True) + "\n")
     read = sum(src.bytes_read for src in sources.values())
-    log(f"merge {plan.method}: {k} models -> {out} in {time.time() - t0:.1f}s, streamed tensor by tensor from "
-        f"memory-mapped safetensors: merge {t_merge:.1f}s (incl. reading the inputs' pages), write {t_io:.1f}s; "
-        f"{read / 1e9:.2f} GB read, {writer.nbytes / 1e9:.2f} GB written; peak memory about one tensor per input "
-        f"plus the method's working set: largest tensor {largest * 4 / 1e6:.1f} MB x (base + {k} task vectors "
-        f"read in place + ~{k + 3} temporaries) = {largest * 4 * (2 * k + 4) / 1e9:.2f} GB, not the "
-        f"{read / 1e9:.2f} GB of the inputs")
+    log(f"merge {plan.method}: {k} models -> {out} in {time.time() - t0:.1f}s, tensor by tensor (read "
+        f"{read / 1e9:.2f} GB from the safetensors files, wrote {writer.nbytes / 1e9:.2f} GB): merge {t_merge:.1f}s "
+        f"incl. reading, write {t_io:.1f}s. Peak memory: one tensor per input plus the output tensor and the "
+        f"method's temporaries, about (2k + 4) x the largest tensor = {(2 * k + 4) * largest * 4 / 1e9:.2f} GB "
+        f"(k = {k}, largest {largest * 4 / 1e6:.1f} MB in fp32), whatever the model size")
     return plan
 
 

@@ -1,6 +1,10 @@
 """The fused sweep: for one (size, method), load the base and the experts once, then for every
 subset build the merged weights in memory, evaluate them on every domain, and emit one row per
 (subset, eval domain). No merged checkpoint is written.
+
+The merges come from a merge.SubsetMerger: in memory (base + every task vector, fp32) when that fits
+``sweep.max_memory_gb``, else streamed tensor by tensor from the safetensors files; average and
+task_arithmetic carry a running sum from subset to subset (subsets in merge.reuse_order).
 """
 
 from __future__ import annotations
