@@ -12,7 +12,7 @@ rule tokenizer:
     log:
         f"{RESULTS}/logs/tokenizer.log",
     conda:
-        "../envs/mergelaws.yaml"
+        TORCH_ENV
     shell:
         "mergelaws tokenizer --config {params.config} --out {output} 2>&1 | tee {log}"
 
@@ -35,7 +35,7 @@ rule pretrain:
     log:
         f"{RESULTS}/logs/pretrain/{{size}}.log",
     conda:
-        "../envs/mergelaws.yaml"
+        TORCH_ENV
     shell:
         "mergelaws pretrain --config {params.config} --size {wildcards.size} --tokenizer {input} "
         "--out {params.out} --threads {threads} 2>&1 | tee {log}"

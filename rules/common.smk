@@ -39,8 +39,13 @@ def _write_resolved():
 
 _write_resolved()
 
-# conda env of the train rule (--software-deployment-method conda); OpenRLHF has its own
-TRAIN_ENV = "../envs/train-openrlhf.yaml" if CFG["train"]["backend"] == "openrlhf" else "../envs/mergelaws.yaml"
+# conda envs (--software-deployment-method conda): the train rule's depends on the backend.
+# Each env's post-deploy script installs this checkout into it from MERGELAWS_ROOT (env files
+# are copied to .snakemake/conda/ before creation, so they cannot name it by a relative path).
+os.environ.update(MERGELAWS_ROOT=str(workflow.basedir))
+TORCH_ENV = "../envs/mergelaws.yaml"
+FIT_ENV = "../envs/fit.yaml"
+TRAIN_ENV = "../envs/train-openrlhf.yaml" if CFG["train"]["backend"] == "openrlhf" else TORCH_ENV
 
 
 def _alternation(names):

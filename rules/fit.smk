@@ -16,7 +16,7 @@ rule fit:
     log:
         f"{RESULTS}/logs/fit.log",
     conda:
-        "../envs/mergelaws.yaml"
+        FIT_ENV
     shell:
         "mergelaws fit {input} --config {params.config} --out {params.out} 2>&1 | tee {log}"
 
@@ -33,7 +33,7 @@ rule figures:
     log:
         f"{RESULTS}/logs/figures.log",
     conda:
-        "../envs/mergelaws.yaml"
+        FIT_ENV
     shell:
         "mergelaws figures --config {params.config} --losses {input.losses} --fits {input.fits} "
         "--out {params.out} 2>&1 | tee {log}"
@@ -53,7 +53,7 @@ rule plan:
     log:
         f"{RESULTS}/logs/plan.log",
     conda:
-        "../envs/mergelaws.yaml"
+        FIT_ENV
     shell:
         "mergelaws plan {input.losses} --fits {input.fits} --config {params.config} "
         "--out {params.out} 2>&1 | tee {log}"

@@ -23,7 +23,7 @@ rule sweep:
     log:
         f"{RESULTS}/logs/sweep/{{size}}/{{method}}/{{shard}}.log",
     conda:
-        "../envs/mergelaws.yaml"
+        TORCH_ENV
     shell:
         "mergelaws sweep --config {params.config} --size {wildcards.size} --method {wildcards.method} "
         "--shard {wildcards.shard} --out {output} --threads {threads} 2>&1 | tee {log}"
@@ -38,6 +38,6 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     conda:
-        "../envs/mergelaws.yaml"
+        TORCH_ENV
     shell:
         "mergelaws aggregate {input} --out {output.parquet} 2>&1 | tee {log}"

@@ -154,7 +154,9 @@ def test_weighted_ties_is_weighted_disjoint_mean(tmp_path, experts, states):
 def test_cli_parser_bf16_output_and_seed(tmp_path, experts):
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
-    MY.add_parser(sub)
+    from mergelaws import mergecli
+
+    mergecli.add_parser(sub)
     path = _write(tmp_path, _yaml("dare_ties", experts, [{"weight": 1.0, "density": 0.5}] * 3, out_dtype="bfloat16"))
     for out, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         args = ap.parse_args(["merge", str(path), str(tmp_path / out), "--seed", seed])

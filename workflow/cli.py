@@ -16,10 +16,12 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _cfg(args):
+def _cfg(args, resolve_methods: bool = True):
+    """The validated config; resolve_methods=False skips filling method parameters from the merge
+    registry (it needs torch), for the commands that use method names only."""
     from mergelaws import config
 
-    return config.load(args.config)
+    return config.load(args.config, resolve_methods=resolve_methods)
 
 
 def cmd_validate(args) -> None:
@@ -86,7 +88,7 @@ def cmd_fit(args) -> None:
     from mergelaws import fit, io
     from mergelaws.config import ConfigError
 
-    cfg = _cfg(args) if args.config else None
+    cfg = _cfg(args, resolve_methods=False) if args.config else None
     fcfg = cfg["fit"] if cfg else {}
     losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
     weights = args.weights or fcfg.get("weights", "k")
@@ -141,7 +143,7 @@ def cmd_figures(args) -> None:
 
     from mergelaws import fit, plots
 
-    cfg = _cfg(args)
+    cfg = _cfg(args, resolve_methods=False)
     losses = pd.read_parquet(args.losses)
     fits = json.loads(Path(args.fits).read_text())
     out = Path(args.out)
@@ -163,7 +165,7 @@ def cmd_plan(args) -> None:
 
     losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
     fits = json.loads(Path(args.fits).read_text()) if args.fits else None
-    view = args.view or (_cfg(args)["fit"]["view"] if args.config else "cross_domain")
+    view = args.view or (_cfg(args, resolve_methods=False)["fit"]["view"] if args.config else "cross_domain")
     for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps,
                              view=view, n_boot=args.n_boot, seed=args.seed):
         print(p)
@@ -178,10 +180,10 @@ def cmd_schema(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mergelaws", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from mergelaws import evalcli, mergeyaml
+    from mergelaws import evalcli, mergecli
 
     evalcli.add_parser(sub)
-    mergeyaml.add_parser(sub)
+    mergecli.add_parser(sub)
 
     def add(name, fn, help_, config=True):
         p = sub.add_parser(name, help=help_)
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from mergelaws.config import ConfigError
     from mergelaws.data import DataError
-    from mergelaws.models import ModelError
+    from mergelaws.errors import ModelError
 
     t0 = time.time()
     try:

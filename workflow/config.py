@@ -96,7 +96,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{key}: {error.message}"
 
 
-def validate(cfg: dict) -> dict:
+def validate(cfg: dict, *, resolve_methods: bool = True) -> dict:
     """Validate (in place, filling defaults) and run the semantic checks; return cfg."""
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
@@ -108,13 +108,11 @@ def validate(cfg: dict) -> dict:
         if others:
             msg += "\n  also: " + "\n  also: ".join(others[:5])
         raise ConfigError(msg)
-    _semantic_checks(cfg)
+    _semantic_checks(cfg, resolve_methods)
     return cfg
 
 
-def _semantic_checks(cfg: dict) -> None:
-    from mergelaws import merge
-
+def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
     n_domains = len(cfg["domains"])
     ks = cfg["sweep"]["k"]
     if ks != "all":
@@ -123,6 +121,10 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(
                 f"sweep.k = {too_big} is larger than the number of domains ({n_domains}); "
                 f"use values 0..{n_domains} or 'all'")
+    if not resolve_methods:  # fit, figures, plan: method names only, no torch (envs/fit.yaml)
+        return
+    from mergelaws import merge
+
     for name, params in cfg["methods"].items():
         try:
             cfg["methods"][name] = merge.resolve_params(name, params or {})
@@ -164,7 +166,7 @@ def read_yaml(path: str | Path) -> dict:
     return cfg
 
 
-def load(path: str | Path, overrides: dict | None = None) -> dict:
+def load(path: str | Path, overrides: dict | None = None, *, resolve_methods: bool = True) -> dict:
     """Read a YAML config file, apply overrides (dotted keys), validate and fill defaults."""
     path = Path(path)
     cfg = read_yaml(path)
@@ -175,7 +177,7 @@ def load(path: str | Path, overrides: dict | None = None) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     try:
-        return validate(cfg)
+        return validate(cfg, resolve_methods=resolve_methods)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -71,7 +71,7 @@ from mergelaws.config import ConfigError
 from mergelaws.io import atomic_path
 
 __all__ = ["MergeYamlError", "MergePlan", "parse_config", "load_config", "merge_tensor", "run_merge",
-           "add_parser", "METHODS"]
+           "METHODS"]
 
 
 class MergeYamlError(ConfigError):
@@ -543,17 +543,3 @@ def cmd_merge(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin)
-
-
-def add_parser(subparsers):
-    """Register `mergelaws merge CONFIG.yml OUT_DIR` on the CLI's subparsers."""
-    p = subparsers.add_parser("merge", help="merge checkpoints from a mergekit-format YAML into a HF model directory")
-    p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype)")
-    p.add_argument("out", help="output model directory (written atomically)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--allow-bin", action="store_true",
-                   help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
-    p.set_defaults(fn=cmd_merge)
-    return p

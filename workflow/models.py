@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 
+from mergelaws.errors import ModelError  # noqa: F401  (raised here, caught by the CLI)
 from mergelaws.io import atomic_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-class ModelError(ValueError):
-    """A model directory problem, naming the directory and the fix."""
 
 
 def quiet_transformers() -> None:
