@@ -382,11 +382,11 @@ def test_bad_param_values_named(method, params, fragment):
     assert fragment in str(e.value)
 
 
-CANDIDATES = [-1, 0, 0.0, 1e-9, 0.2, 0.5, 0.999999, 1, 1.0, 1.5, 3, True, None, "0.5",
-              "mean", "sum", "tensor", "global", "positive", "majority", "inverse", "none", "x"]
+CANDIDATES = [-1, 0, 0.0, 1e-9, 0.2, 0.5, 0.999999, 1, 1.0, 1.5, 3, True, False, None, "0.5",
+              "mean", "sum", "tensor", "global", "positive", "majority", "inverse", "l1", "none", "x"]
 
 
-@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", M.method_names())
 def test_json_schema_agrees_with_resolve_params(method):
     schema = M.params_json_schema(method)
     jsonschema.Draft202012Validator.check_schema(schema)

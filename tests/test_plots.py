@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import matplotlib.image as mpimg
@@ -12,30 +11,14 @@ import pytest
 
 from mergelaws import fit as F
 from mergelaws import plots as P
+from synthetic import synthetic_losses as _synthetic
 
 DOMAINS = ["a", "b", "c", "d"]
 
 
 def synthetic_losses(seed: int = 0) -> pd.DataFrame:
     """3 sizes x 2 methods x all subsets of a 4-domain pool, with noise across subsets."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for method, amp in (("average", 0.10), ("ties", 0.07)):
-        for size, params in (("xs", 2_000_000), ("s", 8_000_000), ("m", 30_000_000)):
-            N = params / 1e9
-            for k in range(len(DOMAINS) + 1):
-                for S in itertools.combinations(DOMAINS, k):
-                    for e in DOMAINS:
-                        if k == 0:
-                            loss = 2.0 + 0.05 * N ** -0.3 + 0.2 + 0.01 * DOMAINS.index(e)
-                        else:
-                            loss = (2.0 + 0.05 * N ** -0.3 + amp / (k + 0.3)
-                                    - 0.05 * (e in S) + rng.normal(0, 0.01))
-                        rows.append({"size": size, "params": params, "method": method, "k": k,
-                                     "subset": "base" if k == 0 else "+".join(S),
-                                     "members": "+".join(S), "eval_domain": e,
-                                     "in_domain": e in S, "loss": loss, "tokens": 100})
-    return pd.DataFrame(rows)
+    return _synthetic(DOMAINS, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -11,34 +10,15 @@ import pytest
 
 from mergelaws import fit as F
 from mergelaws import plots as P
+from synthetic import synthetic_losses as _synthetic
 
 DOMAINS = ["a", "b", "c", "d", "e"]
 VIEW = "cross_domain"
-SIZES = (("xs", 2_000_000), ("s", 8_000_000), ("m", 30_000_000))
 
 
 def synthetic_losses(seed: int = 0) -> pd.DataFrame:
-    """3 sizes x 2 methods x k = 0..5 (up to 4 subsets per k) from
-    L = 2 + 0.05 N^-0.3 + A/(k + 0.3), with noise across subsets and domains."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for method, amp in (("average", 0.10), ("ties", 0.07)):
-        for size, params in SIZES:
-            N = params / 1e9
-            for k in range(len(DOMAINS) + 1):
-                subsets = list(itertools.combinations(DOMAINS, k))[:4]
-                for S in subsets:
-                    for e in DOMAINS:
-                        if k == 0:
-                            loss = 2.0 + 0.05 * N ** -0.3 + 0.2 + 0.01 * DOMAINS.index(e)
-                        else:
-                            loss = (2.0 + 0.05 * N ** -0.3 + amp / (k + 0.3)
-                                    - 0.03 * (e in S) + rng.normal(0, 0.01))
-                        rows.append({"size": size, "params": params, "method": method, "k": k,
-                                     "subset": "base" if k == 0 else "+".join(S),
-                                     "members": "+".join(S), "eval_domain": e,
-                                     "in_domain": e in S, "loss": loss, "tokens": 100})
-    return pd.DataFrame(rows)
+    """3 sizes x 2 methods x k = 0..5 (up to 4 subsets per k), with noise across subsets and domains."""
+    return _synthetic(DOMAINS, seed=seed, per_k=4, in_domain_bonus=0.03)
 
 
 @pytest.fixture(scope="module")

@@ -69,9 +69,14 @@ def add_parser(subparsers):
     p.add_argument("--max-len", type=int, default=256, help="tokens per example after truncation (default 256)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples of each file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    add_run_args(p, device="auto")
+    p.set_defaults(fn=cmd_eval)
+    return p
+
+
+def add_run_args(p, device: str) -> None:
+    """--device, --threads and --allow-bin, shared by `mergelaws eval` and `mergelaws merge`."""
+    p.add_argument("--device", default=device, help=f"cpu, cuda or auto (default {device})")
     p.add_argument("--threads", type=int)
     p.add_argument("--allow-bin", action="store_true",
                    help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
-    p.set_defaults(fn=cmd_eval)
-    return p

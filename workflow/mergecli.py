@@ -6,6 +6,8 @@ commands (fit, figures, plan; envs/fit.yaml) start without importing torch.
 
 from __future__ import annotations
 
+from mergelaws.evalcli import add_run_args
+
 
 def cmd_merge(args) -> None:
     from mergelaws import mergeyaml
@@ -19,9 +21,6 @@ def add_parser(subparsers):
     p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype)")
     p.add_argument("out", help="output model directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--allow-bin", action="store_true",
-                   help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
+    add_run_args(p, device="cpu")
     p.set_defaults(fn=cmd_merge)
     return p
