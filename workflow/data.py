@@ -102,7 +102,8 @@ def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str =
     ``format=messages``: prompt = the first user turn, response = the first assistant turn of a
     ``messages`` list; otherwise the ``prompt``/``response`` keys (or the domain's
     prompt_field/response_field) name the columns. Any other key filters rows on a column's
-    value. ``holdout=N`` splits the (filtered, seeded-shuffled) pool: the eval part is its first
+    value; a key given several times keeps the rows whose value is any of them
+    (``problem_type=Algebra&problem_type=Inequalities``). ``holdout=N`` splits the (filtered, seeded-shuffled) pool: the eval part is its first
     N rows and the train part the rest, so train and eval URIs that share the pool and N are
     disjoint. ``limit=N`` keeps the first N rows of the part.
     """
@@ -112,8 +113,12 @@ def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str =
     for source in uri.split("|"):
         spec = source[len("hf://"):] if source.startswith("hf://") else source
         ident, _, query = spec.partition("?")
-        q = dict(parse_qsl(query, keep_blank_values=True))
-        filters = {k: v for k, v in q.items() if k not in HUB_KEYS}
+        pairs = parse_qsl(query, keep_blank_values=True)
+        q = dict(pairs)
+        filters: dict[str, set[str]] = {}
+        for k, v in pairs:
+            if k not in HUB_KEYS:
+                filters.setdefault(k, set()).add(v)
         try:
             import datasets
 
@@ -125,7 +130,13 @@ def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str =
             if col not in ds.column_names:
                 raise DataError(f"dataset {source}: no column '{col}' to filter on (columns: "
                                 f"{', '.join(ds.column_names)}); remove '{col}=' or name an existing column")
-        rows = [r for r in ds if all(str(r[c]) == v for c, v in filters.items())]
+        keep = range(len(ds))
+        for col, values in filters.items():
+            column = ds[col]
+            keep = [i for i in keep if str(column[i]) in values]
+            if not keep:
+                raise DataError(_no_rows_message(source, ds, filters, col))
+        rows = list(ds.select(keep)) if filters else list(ds)
         if "holdout" in q:
             import random as _random
 
@@ -150,6 +161,17 @@ def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str =
         raise DataError(f"{uri} gives no prompt/response pairs for the {part or 'requested'} part; check its "
                         f"filters, holdout and format")
     return out[:limit] if limit is not None else out
+
+
+def _no_rows_message(source: str, ds, filters: dict[str, set[str]], col: str) -> str:
+    """Name the filter that left no rows and the most common values its column does hold."""
+    from collections import Counter
+
+    counts = Counter(str(v) for v in ds[col]).most_common(12)
+    held = ", ".join(f"{v!r} ({n})" for v, n in counts)
+    asked = " or ".join(repr(v) for v in sorted(filters[col]))
+    return (f"dataset {source}: no row has {col} = {asked} (after the filters before it); "
+            f"the column's most common values: {held}; fix '{col}=' in the URI")
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[Example | None, bool]:
