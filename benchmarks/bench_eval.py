@@ -4,6 +4,7 @@ Usage (from the repo root, venv active)::
 
     python benchmarks/bench_eval.py                      # data/bases/m and xs, 64 eval examples x 9 domains
     python benchmarks/bench_eval.py --sizes m --per-domain 32 --max-len 512
+    python benchmarks/bench_eval.py --device cuda        # both loops on a GPU
 
 Ours: examples sorted by length and cut into batches of at most --batch-tokens padded tokens,
 padded only to the longest in their batch; the LM head is applied only at response (target)
@@ -16,6 +17,10 @@ Both see the same tokenized examples (truncated to --max-len by the project's ru
 with torch.set_num_threads(--threads), and both must give the same token-weighted loss (to 1e-5
 relative; asserted). Throughput is response tokens per second, best of --repeat. The machine is
 shared: read the ratios, not the seconds. Prints a markdown table.
+
+``--device cuda``: the model and both loops' batches on the GPU; the clock is read after
+torch.cuda.synchronize(). A CPU reference loss is not recomputed: the GPU-vs-CPU agreement is
+tests/test_cuda.py's.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ DOMAINS = ["code", "scripture", "dictionary", "thesaurus", "jargon", "quotes", "
 
 
 @torch.no_grad()
-def paper_eval(model, examples, *, pad_id: int, max_len: int, batch_size: int = 10):
+def paper_eval(model, examples, *, pad_id: int, max_len: int, batch_size: int = 10, device: str = "cpu"):
     """The paper's loop: pad to max_len, fixed batch size, HF loss (mean) x target count."""
     from mergelaws.data import IGNORE
 
@@ -52,17 +57,25 @@ def paper_eval(model, examples, *, pad_id: int, max_len: int, batch_size: int = 
         n = int((lab[:, 1:] != IGNORE).sum())
         if n == 0:
             continue
-        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=lab.to(device)).loss
         nll += float(loss) * n
         count += n
     return nll / count, count
 
 
-def best_of(fn, repeat: int):
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so that a timer read after it counts that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(fn, repeat: int, device: str = "cpu"):
     best, out = float("inf"), None
     for _ in range(repeat):
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best, out
 
@@ -75,8 +88,12 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192, help="ours: padded tokens per batch")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu): where both loops run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = args.device
+    if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {dev}: torch.cuda.is_available() is False")
     from mergelaws import data as D
     from mergelaws import models
     from mergelaws.evaluate import evaluate_examples
@@ -85,7 +102,7 @@ def main() -> None:
     for size in args.sizes:
         base = ROOT / "data" / "bases" / size
         tok = models.load_tokenizer(base)
-        model = models.load_model(base, "float32", "cpu")
+        model = models.load_model(base, "float32", dev)
         examples = []
         for d in DOMAINS:
             pairs = D.read_pairs(ROOT / "data" / "domains" / d / "eval.jsonl.gz", limit=args.per_domain)
@@ -93,12 +110,12 @@ def main() -> None:
         lens = [len(e) for e in examples]
         n_params = models.count_params(model)
         # warm-up (allocator, kernels) on a few examples, for both
-        evaluate_examples(model, examples[:20], pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens)
-        paper_eval(model, examples[:20], pad_id=tok.pad_token_id, max_len=args.max_len)
+        evaluate_examples(model, examples[:20], pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens, device=dev)
+        paper_eval(model, examples[:20], pad_id=tok.pad_token_id, max_len=args.max_len, device=dev)
         t_ours, res = best_of(lambda: evaluate_examples(model, examples, pad_id=tok.pad_token_id,
-                                                        batch_tokens=args.batch_tokens), args.repeat)
+                                                        batch_tokens=args.batch_tokens, device=dev), args.repeat, dev)
         t_paper, (loss_p, n_p) = best_of(lambda: paper_eval(model, examples, pad_id=tok.pad_token_id,
-                                                           max_len=args.max_len), args.repeat)
+                                                           max_len=args.max_len, device=dev), args.repeat, dev)
         assert res.tokens == n_p, (res.tokens, n_p)
         rel = abs(res.loss - loss_p) / abs(loss_p)
         assert rel < 1e-5, f"{size}: losses differ: ours {res.loss!r}, paper loop {loss_p!r} (rel {rel:.2e})"
@@ -106,9 +123,11 @@ def main() -> None:
                      res.tokens / t_ours, res.tokens / t_paper, t_ours, t_paper))
         print(f"{size}: done ({len(examples)} examples, {res.tokens} target tokens)", file=sys.stderr, flush=True)
 
+    where = f"{args.threads} thread(s)" if torch.device(dev).type == "cpu" else \
+        f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
     print(f"\n### Eval throughput, {args.per_domain} eval examples x {len(DOMAINS)} domains, "
           f"pad {args.max_len} / batch 10 (paper loop) vs length-bucketed {args.batch_tokens} tokens (ours), "
-          f"{args.threads} thread(s), best of {args.repeat}\n")
+          f"{where}, best of {args.repeat}\n")
     print("| base | params | examples | mean len | target tokens | loss | rel. diff | ours tok/s | paper-loop tok/s "
           "| ours s | paper-loop s | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

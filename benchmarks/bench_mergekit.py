@@ -4,6 +4,7 @@ Usage (from the repo root, venv active)::
 
     python benchmarks/bench_mergekit.py --mergekit /tmp/mk/bin/mergekit-yaml     # all methods, 1 thread
     python benchmarks/bench_mergekit.py --methods linear ties --repeat 2         # ours only, best of 2
+    python benchmarks/bench_mergekit.py --device cuda --mergekit /tmp/mk/bin/mergekit-yaml   # on a GPU
 
 The checkpoint (hidden 768, 12 layers, intermediate 2560, vocab 32000, untied head: 148.3M
 parameters, fp32, 593 MB) is random-initialised (N(0, 0.02^2), norms 1) and written with four
@@ -18,6 +19,11 @@ writing. Ours also logs its merge time (everything but start-up and writing); me
 interleaves loading, merging and writing in its task graph, so it has no separable merge time.
 Peak resident memory (ru_maxrss of the child) is reported for both. The machine is shared: read
 the ratios, not the seconds. Nothing is asserted on timings. Prints a markdown table.
+
+``--device cuda``: ours runs with ``--device cuda`` (each tensor's task vectors merged on the GPU)
+and mergekit with ``--cuda``. The figures stay end-to-end wall times of the child processes, which
+exit only when the GPU work is done, so no explicit synchronisation is needed; peak RSS is host
+memory only (GPU memory is not measured).
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[c[0] for c in CASES])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu): ours gets --device, mergekit --cuda")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -120,6 +127,7 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--workdir", str(work), "--generate-only"], check=True)
     base, *experts = [work / "base"] + [work / f"e{j}" for j in range(4)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    mk_cuda = ["--cuda"] if args.device.startswith("cuda") else []
     rows = []
     for method, mp, shared in CASES:
         if method not in args.methods:
@@ -137,7 +145,7 @@ def main() -> None:
         for _ in range(args.repeat):
             out = work / f"ours_{method}"
             wall, rss, log = run([sys.executable, "-m", "mergelaws.cli", "merge", str(path), str(out),
-                                  "--threads", str(args.threads)], env)
+                                  "--threads", str(args.threads), "--device", args.device], env)
             m = re.search(r"merge (\d+\.\d+)s", log)
             ours.append((wall, float(m.group(1)) if m else float("nan"), rss))
             shutil.rmtree(out, ignore_errors=True)
@@ -147,7 +155,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 out = work / f"mk_{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                wall, rss, _ = run([args.mergekit, str(path), str(out), "--allow-crimes"], env)
+                wall, rss, _ = run([args.mergekit, str(path), str(out), "--allow-crimes", *mk_cuda], env)
                 runs.append((wall, rss))
                 shutil.rmtree(out, ignore_errors=True)
             mk = min(runs)
@@ -158,7 +166,7 @@ def main() -> None:
     lin = next((r[2][0] for r in rows if r[0] == "linear"), None)
     lin_merge = next((r[2][1] for r in rows if r[0] == "linear"), None)
     print(f"\n### `mergelaws merge` vs `mergekit-yaml` 0.1.5, 4 experts x 148.3M params (fp32), "
-          f"{args.threads} thread(s), best of {args.repeat}\n")
+          f"{args.threads} thread(s){', ' + args.device if args.device != 'cpu' else ''}, best of {args.repeat}\n")
     print("| method | ours end-to-end s | ours merge s | ours peak RSS GB | mergekit end-to-end s "
           "| mergekit peak RSS GB | mergekit / ours | ours / our linear (end-to-end) | ours / our linear (merge) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -6,6 +6,7 @@ Usage (from the repo root, venv active)::
     python benchmarks/bench_sweep.py --size m                 # data/bases/m (1.7M params)
     python benchmarks/bench_sweep.py --size m --sample 64     # a seeded sample of 64 subsets
     python benchmarks/bench_sweep.py --ties-density 0.2       # ties with trimming (config default: 1.0)
+    python benchmarks/bench_sweep.py --device cuda            # merges on a GPU
 
 Nine experts are made by deterministic perturbation of the base (seeded N(0, 0.01^2) noise, one seed
 per expert) and saved as safetensors model directories in a temporary directory. For each method:
@@ -28,6 +29,11 @@ OS page cache serves repeated reads, so (a)'s and (d)'s wall times understate wh
 cold or network disk. Methods take their parameters from config.yaml (ties density 1.0, the paper's
 Table 1) unless --ties-density is given. Threads: --threads (default 1). The machine is shared: read
 the ratios, not the seconds. Prints a markdown table.
+
+``--device cuda``: every approach merges on the GPU ((a) loads each file straight to it, (b) holds
+the base and experts there, (c)/(d) are SubsetMergers with device cuda, reading from the CPU-side
+files/memory maps as the sweep does); the clock is read after torch.cuda.synchronize(), and the
+checks compare results on the GPU.
 """
 
 from __future__ import annotations
@@ -76,8 +82,19 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["average", "ties"])
     ap.add_argument("--ties-density", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu): where the merges run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = args.device
+    if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {dev}: torch.cuda.is_available() is False")
+
+    def clock() -> float:
+        """perf_counter after the GPU's queued work is done (on cuda)."""
+        if torch.device(dev).type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     from safetensors.torch import load_file
 
     from mergelaws import merge, models
@@ -107,48 +124,48 @@ def main() -> None:
             res = {}
 
             # (a) one merge at a time, each re-reading base and experts from disk
-            t0 = time.perf_counter()
+            t0 = clock()
             ref, a_bytes = {}, 0
             for j, s in enumerate(subsets):
-                b = load_file(str(base_file))
-                es = [load_file(str(expert_files[i])) for i in s]
+                b = load_file(str(base_file), device=dev)
+                es = [load_file(str(expert_files[i]), device=dev) for i in s]
                 a_bytes += size_of[base_file] + sum(size_of[expert_files[i]] for i in s)
                 out = merge.merge_state_dicts(method, b, es, params, seed=seed, subset_id=sid[s])
                 if j % max(1, len(subsets) // 8) == 0:
                     ref[s] = out
-            res["a"] = (0.0, time.perf_counter() - t0, a_bytes, None)
+            res["a"] = (0.0, clock() - t0, a_bytes, None)
 
             # (b) fused, direct: load once, merge_state_dicts per subset
-            t0 = time.perf_counter()
-            model = models.load_model(base_dir, "float32", "cpu")
+            t0 = clock()
+            model = models.load_model(base_dir, "float32", dev)
             base_state = {n: p.detach().float().clone() for n, p in models.float_state(model).items()}
             experts = []
             for d in dirs:
-                em = models.load_model(d, "float32", "cpu")
+                em = models.load_model(d, "float32", dev)
                 experts.append({n: p.detach().float() for n, p in models.float_state(em).items()})
                 del em
-            t_load = time.perf_counter() - t0
+            t_load = clock() - t0
             n_params = models.count_params(model)
-            t1 = time.perf_counter()
+            t1 = clock()
             diff = 0.0
             for s in subsets:
                 out = merge.merge_state_dicts(method, base_state, [experts[i] for i in s], params, seed=seed,
                                               subset_id=sid[s])
                 if s in ref:
                     diff = max(diff, check(ref[s], out, exact=True))
-            res["b"] = (t_load, time.perf_counter() - t1, all_bytes, None)
+            res["b"] = (t_load, clock() - t1, all_bytes, None)
 
             # (c), (d): the SubsetMerger, in memory and streaming
             order = merge.reuse_order([[names[i] for i in s] for s in subsets])
             for label, mode in (("c", "memory"), ("d", "stream")):
-                t0 = time.perf_counter()
+                t0 = clock()
                 base_src = merge.SafetensorsSource(base_dir)
                 merger = merge.SubsetMerger(method, params, base_src, seed=seed, mode=mode,
-                                            names=list(base_state))
+                                            names=list(base_state), device=dev)
                 for name, d in zip(names, dirs):
                     merger.add_expert(name, merge.SafetensorsSource(d))
-                t_load = time.perf_counter() - t0
-                t1 = time.perf_counter()
+                t_load = clock() - t0
+                t1 = clock()
                 err = 0.0
                 for i in order:
                     s = subsets[i]
@@ -156,14 +173,14 @@ def main() -> None:
                     if s in ref:
                         err = max(err, check(ref[s], out, exact=not merger.reuses_sums))
                 c = merger.cost
-                res[label] = (t_load, time.perf_counter() - t1,
+                res[label] = (t_load, clock() - t1,
                               all_bytes if mode == "memory" else merger.bytes_read(), (c, err))
             rows.append((method, params, len(subsets), res))
             print(f"{method}: done", file=sys.stderr, flush=True)
 
     sample = f"a seeded sample of {len(subsets)} of the {n_all}" if len(subsets) < n_all else f"all {n_all}"
     print(f"\n### Sweep merges, {len(names)} experts of data/bases/{args.size} ({n_params / 1e6:.2f}M params), "
-          f"{sample} non-empty subsets, {args.threads} thread(s), merges only\n")
+          f"{sample} non-empty subsets, {args.threads} thread(s){', ' + dev if dev != 'cpu' else ''}, merges only\n")
     print("| method | approach | load s (once) | s/merge | vs one-at-a-time | vs fused direct | MB read "
           "| expert-sized steps | max abs diff vs (a) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -787,7 +787,11 @@ def della_keep_probs(v: Tensor, density: float, epsilon: float) -> Tensor:
     order = _stable_abs_order(rows)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=v.device).expand_as(order))  # 0-based
-    rho = ranks.to(v.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    # divide by a tensor on v's device, not a Python number: CUDA computes x / (CPU scalar) as
+    # x * (1 / scalar), up to an ulp off the CPU's division, which would move q and flip masks
+    # (u < q) against the CPU; tensor / tensor is IEEE division on both (same values on the CPU)
+    rho = ranks.to(v.dtype) / torch.tensor(n - 1, dtype=v.dtype, device=v.device) if n > 1 \
+        else torch.full_like(rows, 0.5)
     return (density - epsilon + 2.0 * epsilon * rho).reshape(v.shape)
 
 
