@@ -179,3 +179,19 @@ def test_a_second_run_reuses_the_envs(conda_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr
     assert "Creating conda environment" not in proc.stdout + proc.stderr
+
+
+def test_the_openrlhf_backend_gives_rule_train_its_own_env(conda_run, tmp_path):
+    """A dry run with train.backend openrlhf: the train jobs would get envs/train-openrlhf.yaml,
+    the other rules keep theirs (Snakemake names each env it would create)."""
+    work, cfg, _, _, cmd, env = conda_run
+    cfg = {**cfg, "results": str(tmp_path / "results"), "train": {**cfg["train"], "backend": "openrlhf"}}
+    cfgfile = tmp_path / "openrlhf.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    dry = [*cmd[:cmd.index("--directory") + 1], str(tmp_path), "--configfile", str(cfgfile), "--cores", "2",
+           "--sdm", "conda", "-n"]
+    proc = subprocess.run(dry, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for name in ("train-openrlhf.yaml", "mergelaws.yaml", "fit.yaml"):
+        assert f"envs/{name} will be created" in out, out[-3000:]
