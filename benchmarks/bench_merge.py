@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _llama import llama_state  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,19 +65,7 @@ def random_llama_state(n_params: float, seed: int = 0) -> dict[str, torch.Tensor
     h, inter, vocab = 512, 1376, 32000
     per_layer = 4 * h * h + 3 * h * inter + 2 * h
     layers = max(1, round((n_params - vocab * h - h) / per_layer))
-    g = torch.Generator().manual_seed(seed)
-    sd = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g) * 0.02,
-          "model.norm.weight": torch.ones(h)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = torch.randn(h, h, generator=g) * 0.02
-        sd[p + "mlp.gate_proj.weight"] = torch.randn(inter, h, generator=g) * 0.02
-        sd[p + "mlp.up_proj.weight"] = torch.randn(inter, h, generator=g) * 0.02
-        sd[p + "mlp.down_proj.weight"] = torch.randn(h, inter, generator=g) * 0.02
-        sd[p + "input_layernorm.weight"] = torch.ones(h)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(h)
-    return sd
+    return llama_state(h, inter, vocab, layers, seed=seed)
 
 
 def perturb(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

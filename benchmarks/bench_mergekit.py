@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _llama import llama_state  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,18 +65,7 @@ def make_checkpoints(work: Path, n_experts: int = 4) -> list[Path]:
     if all((d / "model.safetensors").exists() for d in dirs):
         return dirs
     h, inter, vocab, layers = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"], SHAPE["layers"]
-    g = torch.Generator().manual_seed(0)
-    sd = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g) * 0.02,
-          "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn(vocab, h, generator=g) * 0.02}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{n}.weight"] = torch.randn(h, h, generator=g) * 0.02
-        sd[p + "mlp.gate_proj.weight"] = torch.randn(inter, h, generator=g) * 0.02
-        sd[p + "mlp.up_proj.weight"] = torch.randn(inter, h, generator=g) * 0.02
-        sd[p + "mlp.down_proj.weight"] = torch.randn(h, inter, generator=g) * 0.02
-        sd[p + "input_layernorm.weight"] = torch.ones(h)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    sd = llama_state(h, inter, vocab, layers, seed=0, lm_head=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 12,
               "num_key_value_heads": 12, "vocab_size": vocab, "max_position_embeddings": 2048,
