@@ -89,6 +89,7 @@ def test_duplicate_domain_is_refused(tmp_path, root):
 
 
 def test_snakefile_refuses_bad_config_with_the_message(tmp_path, root, default_cfg_raw):
+    import json
     import subprocess
     import sys
 
@@ -103,3 +104,29 @@ def test_snakefile_refuses_bad_config_with_the_message(tmp_path, root, default_c
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "density" in proc.stdout + proc.stderr
+
+
+def test_validation_without_method_resolution_needs_no_torch_and_checks_the_rest(default_cfg_raw, tmp_path):
+    """fit/figures/plan validate with resolve_methods=False, without importing torch (envs/fit.yaml):
+    the schema still fills the method defaults (generated from the registry) and the other
+    semantic checks still apply."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = copy.deepcopy(default_cfg_raw)
+    raw["methods"] = {"ties": {"density": 0.5}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = ("import sys, json; from mergelaws import config; "
+            f"c = config.load({str(path)!r}, resolve_methods=False); "
+            "print(json.dumps([c['methods'], 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    methods, torch_loaded = json.loads(out.stdout)
+    assert not torch_loaded
+    assert methods == config.validate(copy.deepcopy(raw))["methods"]
+    raw["sweep"]["k"] = [1, 99]
+    with pytest.raises(config.ConfigError, match="larger than the number of domains"):
+        config.validate(raw, resolve_methods=False)

@@ -103,9 +103,10 @@ def read_hub_pairs(uri: str, prompt_field: str = "prompt", response_field: str =
     ``messages`` list; otherwise the ``prompt``/``response`` keys (or the domain's
     prompt_field/response_field) name the columns. Any other key filters rows on a column's
     value; a key given several times keeps the rows whose value is any of them
-    (``problem_type=Algebra&problem_type=Inequalities``). ``holdout=N`` splits the (filtered, seeded-shuffled) pool: the eval part is its first
-    N rows and the train part the rest, so train and eval URIs that share the pool and N are
-    disjoint. ``limit=N`` keeps the first N rows of the part.
+    (``problem_type=Algebra&problem_type=Inequalities``). ``holdout=N`` splits the (filtered,
+    seeded-shuffled) pool: the eval part is its first N rows and the train part the rest, so
+    train and eval URIs that share the pool and N are disjoint. ``limit=N`` keeps the first N
+    rows of the part.
     """
     from urllib.parse import parse_qsl
 
