@@ -59,7 +59,9 @@ wildcard_constraints:
     shard=r"\d+of\d+",
 
 
-EXPERTS = [f"{grid.expert_dir(CFG, s, d)}/config.json" for s in SIZES for d in DOMAINS]
+# trained experts, and your own (bases.<size>.experts) where they are local directories: their
+# config.json exists and no rule makes it, so Snakemake plans no train job for them
+EXPERTS = [f for s in SIZES for d in DOMAINS for f in grid.expert_input(CFG, s, d)]
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
 PLAN = [f"{RESULTS}/plan.md", f"{RESULTS}/plan.json"]
@@ -95,17 +97,18 @@ def figure_outputs():
 
 
 def base_input(wildcards):
-    """The base's config.json when the base is a local directory or built here."""
+    """The base's config.json when the base is a local directory or built here (rule pretrain,
+    or rule convert for a `gguf` base)."""
     path = grid.base_dir(CFG, wildcards.size)
-    if grid.is_local(path) or path.startswith(RESULTS):
+    if grid.base_kind(CFG, wildcards.size) == "gguf" or grid.is_local(path) or path.startswith(RESULTS):
         return f"{path}/config.json"
     return []
 
 
 def expert_inputs(wildcards):
-    return [
-        f"{grid.expert_dir(CFG, wildcards.size, d)}/config.json" for d in DOMAINS
-    ]
+    """Each expert's config.json: the train rule's output, or your own local expert's (which
+    exists); a hub-id expert is no input at all (the sweep downloads it, as a hub-id base)."""
+    return [f for d in DOMAINS for f in grid.expert_input(CFG, wildcards.size, d)]
 
 
 def res(rule, key, default):

@@ -14,6 +14,8 @@ rule sweep:
         method=lambda wc: CFG["methods"][wc.method],
         sweep=lambda wc: grid.sweep_settings(CFG, wc.size),
         evaluation=CFG["eval"],
+        system_prompt=CFG["system_prompt"],
+        experts=lambda wc: grid.own_experts(CFG, wc.size),
         seed=CFG["seed"],
     threads: threads_for("sweep")
     resources:

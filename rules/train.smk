@@ -9,7 +9,8 @@ rule train:
     params:
         config=RESOLVED,
         out=lambda wc, output: os.path.dirname(output.config),
-        train=CFG["train"],
+        train=lambda wc: grid.train_settings(CFG, wc.size),
+        system_prompt=CFG["system_prompt"],
         data=lambda wc: CFG["domains"][wc.domain],
         base=lambda wc: grid.base_dir(CFG, wc.size),
     threads: threads_for("train")

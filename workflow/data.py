@@ -1,13 +1,26 @@
 """Domain corpora -> tokenized examples with response-only labels; length-bucketed batches.
 
-An example is the prompt and the response joined by the project's template::
+One formatting path for every model, in training, evaluation and the OpenRLHF backend: an
+example is a conversation rendered by the **tokenizer's own chat template** — an optional
+system turn (``system_prompt`` in the config; the paper's "You are a helpful assistant." by
+default, ``null`` for the template's own default), the user turn (the prompt) and the assistant
+turn (the response). The loss is on exactly the assistant turn's tokens through its end-of-turn
+token: the generation prompt (system + user + the template's assistant header, rendered with
+``add_generation_prompt``) and the whole conversation are rendered; the first must be the start of
+the second. The prompt ids are the generation prompt tokenized, and the targets are the rest of the
+conversation tokenized on its own — the tokens a model generates after that prompt — up to and
+including the last special token the template closes the turn with (``<|im_end|>`` for ChatML,
+``<|eot_id|>`` for Llama 3); what the template adds after it (ChatML's newline) is not part of the
+example. Tokenizing the two parts apart keeps the boundary exact: tokenizing the whole text would
+fuse a response's leading spaces (indented code) with ChatML's newline into one token that
+belongs to neither part (2,006 of the 18,000 shipped training examples on SmolLM2's tokenizer);
+elsewhere the two ways give the same ids.
 
-    <|user|>{prompt}<|assistant|>{response}<|endoftext|>
-
-The prompt part and the response part are tokenized separately and concatenated, so the
-boundary between them is exact (no off-by-one from a BPE merge across it). Labels are -100
-on the prompt and the target ids on the response and the end-of-text token: the loss is on
-the response, as in the paper.
+No template is ever invented for a model. The tiny bases ship a small chat template of their own
+in their tokenizer files (``models.TINY_CHAT_TEMPLATE``: ``<|user|>{prompt}<|assistant|>
+{response}<|endoftext|>``, a system turn as a plain first line). A tokenizer with no chat template
+gets the prompt, a newline and the response joined as plain text, then the eos token, with the
+loss on the response and eos; it has no place for a system prompt, which is then not used.
 
 Truncation rule (documented, counted): an example longer than ``max_len`` tokens keeps at
 most ``max_len // 2`` prompt tokens (the prompt's end, nearest the response) and fills the rest
@@ -23,8 +36,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USER, ASSISTANT = "<|user|>", "<|assistant|>"
 IGNORE = -100
+#: The paper's system prompt for training and evaluation; config ``system_prompt``.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 class DataError(ValueError):
@@ -175,10 +189,66 @@ def _no_rows_message(source: str, ds, filters: dict[str, set[str]], col: str) ->
             f"the column's most common values: {held}; fix '{col}=' in the URI")
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[Example | None, bool]:
+def conversation(prompt: str, response: str | None = None, system: str | None = None) -> list[dict]:
+    """The messages of one example: [system], user, [assistant]."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    msgs.append({"role": "user", "content": prompt})
+    if response is not None:
+        msgs.append({"role": "assistant", "content": response})
+    return msgs
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (eos, pad, role markers such as <|im_end|>)."""
+    out = set(tokenizer.all_special_ids)
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            out.add(int(i))
+    return out
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer, prompt: str, response: str, system: str | None = None) -> tuple[str, str]:
+    """(generation prompt text, whole conversation text) through the tokenizer's chat template."""
+    msgs = conversation(prompt, response, system)
+    head = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    return head, full
+
+
+def split_ids(tokenizer, prompt: str, response: str, system: str | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) of one example before truncation; see the module docstring."""
+    if not has_chat_template(tokenizer):
+        p_ids = _ids(tokenizer, prompt + "\n")
+        return p_ids, _ids(tokenizer, response) + [tokenizer.eos_token_id]
+    head, full = render(tokenizer, prompt, response, system)
+    if not full.startswith(head):
+        raise DataError(f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '?')} renders the "
+                        f"generation prompt differently from the start of the whole conversation, so the "
+                        f"assistant turn cannot be located; use a template whose generation prompt is a prefix "
+                        f"of the rendered conversation")
+    # the assistant turn is tokenized after the tokenized generation prompt, as a model meets it when
+    # it generates: no token merges across the boundary (a response starting with spaces would
+    # otherwise fuse them with ChatML's newline into one token that belongs to neither part)
+    p_ids, r_ids = _ids(tokenizer, head), _ids(tokenizer, full[len(head):])
+    special = special_ids(tokenizer)
+    ends = [i for i, t in enumerate(r_ids) if t in special]
+    if ends:  # through the end-of-turn token; what the template adds after it is not trained on
+        r_ids = r_ids[:ends[-1] + 1]
+    return p_ids, r_ids
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_len: int,
+                system: str | None = None) -> tuple[Example | None, bool]:
     """Tokenize one pair with response-only labels; returns (example or None if empty, truncated)."""
-    p_ids = tokenizer.encode(USER + prompt + ASSISTANT, add_special_tokens=False)
-    r_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    p_ids, r_ids = split_ids(tokenizer, prompt, response, system)
     truncated = False
     if len(p_ids) + len(r_ids) > max_len:
         truncated = True
@@ -190,10 +260,10 @@ def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[Ex
     return Example(p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids), truncated
 
 
-def encode_pairs(tokenizer, pairs, max_len: int) -> Encoded:
+def encode_pairs(tokenizer, pairs, max_len: int, system: str | None = None) -> Encoded:
     out = Encoded([])
     for prompt, response in pairs:
-        ex, trunc = encode_pair(tokenizer, prompt, response, max_len)
+        ex, trunc = encode_pair(tokenizer, prompt, response, max_len, system)
         out.truncated += trunc
         if ex is None or ex.n_targets == 0:
             out.skipped += 1
@@ -218,7 +288,7 @@ def load_domain(cfg: dict, domain: str, split: str, tokenizer, max_len: int,
                 limit: int | None = None) -> Encoded:
     spec = cfg["domains"][domain]
     pairs = read_pairs(spec[split], spec["prompt_field"], spec["response_field"], limit=limit, part=split)
-    enc = encode_pairs(tokenizer, pairs, max_len)
+    enc = encode_pairs(tokenizer, pairs, max_len, system=cfg.get("system_prompt"))
     if not enc.examples:
         raise DataError(f"domain '{domain}' ({spec[split]}) has no usable {split} example after "
                         f"truncation to {max_len} tokens; raise max_len or check the responses")

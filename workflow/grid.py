@@ -93,6 +93,14 @@ def sweep_settings(cfg: dict, size: str | None = None) -> dict:
     return out
 
 
+def train_settings(cfg: dict, size: str | None = None) -> dict:
+    """The global `train` settings with a size's overrides (bases.<size>.train) applied."""
+    out = dict(cfg["train"])
+    if size is not None:
+        out.update(cfg["bases"][size].get("train") or {})
+    return out
+
+
 def subsets(cfg: dict, size: str | None = None) -> list[Subset]:
     """Every subset the sweep evaluates for a size (all sizes alike unless bases.<size>.sweep
     overrides the sampling), for every method alike, in a fixed order."""
@@ -122,8 +130,25 @@ def results_dir(cfg: dict) -> Path:
     return Path(cfg["results"])
 
 
+def base_kind(cfg: dict, size: str) -> str:
+    """How a size's base is made: 'model' (given, used as is), 'gguf' (rule convert) or
+    'pretrain' (rule pretrain, from the architecture keys)."""
+    spec = cfg["bases"][size]
+    return "model" if spec.get("model") else "gguf" if spec.get("gguf") else "pretrain"
+
+
+def sizes_of_kind(cfg: dict, kind: str) -> list[str]:
+    return [s for s in sizes(cfg) if base_kind(cfg, s) == kind]
+
+
+def gguf_dtype(cfg: dict, size: str) -> str:
+    """Storage dtype of a converted GGUF base: bases.<size>.dtype, default bfloat16."""
+    return cfg["bases"][size].get("dtype") or "bfloat16"
+
+
 def base_dir(cfg: dict, size: str) -> str:
-    """The base model of a size: the configured model, or the pretrain rule's output."""
+    """The base model of a size: the configured model, else the output of rule convert (a `gguf`
+    base) or rule pretrain (a tiny base): <results>/bases/<size>."""
     model = cfg["bases"][size].get("model")
     return model if model else str(results_dir(cfg) / "bases" / size)
 
@@ -133,8 +158,40 @@ def is_local(path: str) -> bool:
     return Path(path).is_dir()
 
 
+def own_experts(cfg: dict, size: str) -> dict[str, str]:
+    """The existing fine-tunes a size uses instead of training (bases.<size>.experts):
+    domain -> a local model directory or a Hugging Face hub id."""
+    return dict(cfg["bases"][size].get("experts") or {})
+
+
+def is_own_expert(cfg: dict, size: str, domain: str) -> bool:
+    return domain in own_experts(cfg, size)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` (one slash, no leading '.', '/' or '~', no '..'): a hub id unless such a
+    directory exists; anything else names a local path."""
+    return bool(HUB_ID.fullmatch(path)) and ".." not in path and not Path(path).exists()
+
+
 def expert_dir(cfg: dict, size: str, domain: str) -> str:
-    return str(results_dir(cfg) / "experts" / size / domain)
+    """A size's expert for a domain: the user's path or hub id where bases.<size>.experts lists
+    the domain, else the train rule's output."""
+    own = own_experts(cfg, size).get(domain)
+    return own if own else str(results_dir(cfg) / "experts" / size / domain)
+
+
+def expert_input(cfg: dict, size: str, domain: str) -> list[str]:
+    """What Snakemake waits for before using an expert: its config.json (the train rule's
+    output, or the user's local directory's existing file, which no rule makes); nothing for a
+    hub id (downloaded by the job that loads it, like a hub-id base)."""
+    path = expert_dir(cfg, size, domain)
+    if is_own_expert(cfg, size, domain) and not is_local(path):
+        return []
+    return [f"{path}/config.json"]
 
 
 def n_shards(cfg: dict, size: str) -> int:

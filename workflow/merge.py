@@ -47,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "SafetensorsSource",
     "DictSource",
+    "RowCutSource",
     "SUM_METHODS",
     "sum_coefficient",
     "reuse_order",
@@ -272,13 +273,23 @@ def _task_arithmetic(deltas: Tensor, *, scale: float, combine: str, **_: Any) ->
     return combined * scale
 
 
-def ties_keep_count(density: float, numel: int) -> int:
-    """Entries TIES keeps per model: round-half-up(density * numel), in [1, numel].
+TIES_KEEP_ROUNDING = ("half_up", "floor")
 
-    Round-half-up rather than ceil so that float noise (0.2 * 10 =
-    2.0000000000000004) cannot add an entry.
+
+def ties_keep_count(density: float, numel: int, rounding: str = "half_up") -> int:
+    """Entries TIES keeps per model, in [1, numel].
+
+    ``rounding='half_up'`` (the registry's rule, the default): round-half-up(density * numel),
+    rather than ceil so that float noise (0.2 * 10 = 2.0000000000000004) cannot add an entry.
+    ``'floor'``: ``int(density * numel)``, the Python float product truncated, as mergekit's
+    ``sparsify.magnitude`` (0.29 * 100 = 28.999999999999996 keeps 28); where that is 0
+    mergekit stops with an assertion and this keeps 1.
     """
-    return min(numel, max(1, math.floor(density * numel + 0.5)))
+    if rounding == "half_up":
+        return min(numel, max(1, math.floor(density * numel + 0.5)))
+    if rounding == "floor":
+        return min(numel, max(1, int(density * numel)))
+    raise ValueError(f"TIES keep-count rounding {rounding!r}: one of {', '.join(TIES_KEEP_ROUNDING)}")
 
 
 # Blockwise elementwise work. A fresh full-size temporary costs a page fault per 4 KiB on first
@@ -446,11 +457,12 @@ def _keep_mask(absv: Tensor, threshold: Tensor, n_keep: int | None, tie_keep: in
 
 
 def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: Tensor | None,
-          out: Tensor | None = None) -> Tensor:
+          out: Tensor | None = None, keep_rounding: str = "half_up") -> Tensor:
     """Zero all but the top-``density`` entries by |v|, per model (row of ``deltas``).
 
-    Per tensor (thresholds is None): keeps exactly ties_keep_count(density, numel)
-    entries, found with the O(n) selection :func:`kth_smallest`; entries tied at
+    Per tensor (thresholds is None): keeps exactly ties_keep_count(density, numel,
+    keep_rounding) entries (default round-half-up; 'floor' = mergekit's int(density * numel)),
+    found with the O(n) selection :func:`kth_smallest`; entries tied at
     the threshold are kept in flat-index order until the count is reached.
     Global (thresholds given): keep |v| > thresholds[i] plus the first
     tie_keep[i] entries equal to it, as precomputed over all tensors by
@@ -462,7 +474,7 @@ def _trim(deltas: Tensor, density: float, thresholds: Tensor | None, tie_keep: T
     for i, v in enumerate(deltas):
         if thresholds is None:
             n = v.numel()
-            n_keep = ties_keep_count(density, n)
+            n_keep = ties_keep_count(density, n, keep_rounding)
             t, n_lt, n_eq = kth_smallest(v, n - n_keep + 1, absolute=True)  # the n_keep-th largest
             if not torch.isnan(t):
                 if n - n_lt == n_keep:  # no tie at t is cut: keep |v| >= t
@@ -1373,6 +1385,43 @@ def _as_source(x: Any) -> Any:
     return DictSource(x) if isinstance(x, dict) else x
 
 
+class RowCutSource:
+    """A source whose tensors ``rows`` (name -> n) are cut to their first n rows (dim 0): an
+    expert's embedding matrices cut to the base's vocabulary. Zero-copy over the inner source."""
+
+    def __init__(self, inner: Any, rows: dict[str, int]):
+        self.inner = inner
+        self.rows = dict(rows)
+
+    @property
+    def bytes_read(self) -> int:
+        return getattr(self.inner, "bytes_read", 0)
+
+    def keys(self):
+        return self.inner.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inner
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.inner.shape(name))
+        return (self.rows[name], *shape[1:]) if name in self.rows else shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.inner.dtype(name)
+
+    def get(self, name: str) -> Tensor:
+        t = self.inner.get(name)
+        return t[: self.rows[name]] if name in self.rows else t
+
+    def read(self, name: str, out: Tensor) -> Tensor:
+        t = self.get(name)
+        return out.reshape(-1)[:t.numel()].view(t.shape).copy_(t)
+
+    def release(self, name: str) -> None:
+        self.inner.release(name)
+
+
 # --------------------------------------------------------------------------
 # Many merges of one pool of experts (the fused sweep)
 # --------------------------------------------------------------------------
@@ -1515,10 +1564,24 @@ class SubsetMerger:
             t = t.to(self.base_dtype)
         return t.float()
 
-    def add_expert(self, key: str, expert: Any) -> None:
+    def add_expert(self, key: str, expert: Any, vocab_cut: Sequence[str] | dict[str, int] = ()) -> None:
         """Register an expert (its weights: a dict or a source). Memory mode computes its task
-        vector now, so the caller may free the weights afterwards."""
+        vector now, so the caller may free the weights afterwards.
+
+        ``vocab_cut``: tensors (embed_tokens / lm_head) whose rows beyond the base's are dropped,
+        for an expert whose vocabulary grew at fine-tuning (models.check_compatible finds them):
+        the merge then keeps the base's vocabulary, as mergekit does (see the note in
+        mergelaws.models). Only rows are cut; every other dim must match."""
         src = _as_source(expert)
+        if vocab_cut:
+            rows = {}
+            for n in vocab_cut:
+                shape, base = tuple(src.shape(n)), self.shapes[n]
+                if len(shape) != len(base) or shape[1:] != base[1:] or shape[0] < base[0]:
+                    raise ValueError(f"expert {key}: {n} has shape {shape}, base {base}: not the base's "
+                                     f"vocabulary with rows appended")
+                rows[n] = base[0]
+            src = RowCutSource(src, rows)
         for n in self.names:
             if n not in src:
                 raise ValueError(f"expert {key}: tensor {n} is missing")

@@ -18,7 +18,8 @@ def cmd_merge(args) -> None:
 def add_parser(subparsers):
     """Register `mergelaws merge CONFIG.yml OUT_DIR` on the CLI's subparsers."""
     p = subparsers.add_parser("merge", help="merge checkpoints from a mergekit-format YAML into a HF model directory")
-    p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype, "
+                                  "tokenizer_source: base|PATH, chat_template: NAME|auto|JINJA)")
     p.add_argument("out", help="output model directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
     add_run_args(p, device="cpu")

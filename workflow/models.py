@@ -14,6 +14,18 @@ from mergelaws.io import atomic_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: The tiny bases' own chat template (shipped as chat_template.jinja beside their tokenizer):
+#: ``<|user|>{prompt}<|assistant|>{response}<|endoftext|>``; a system turn, if any, is a plain first
+#: line. Real models bring their own; mergelaws.data renders every example through the template.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|user|>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>' + message['content'] + '<|endoftext|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
 
 
 
@@ -44,6 +56,7 @@ def train_tokenizer(texts, vocab_size: int, out: str | Path):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                  pad_token="<|pad|>", unk_token=None, model_max_length=4096,
                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    hf.chat_template = TINY_CHAT_TEMPLATE
     with atomic_path(out, is_dir=True) as tmp:
         hf.save_pretrained(tmp)
     return hf
@@ -197,6 +210,26 @@ def save_model(model, out: str | Path, *, tokenizer_from: str | Path | None = No
             (Path(tmp) / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def storage_dtype(path: str | Path) -> str:
+    """The dtype a model directory stores its floating-point weights in ('float32', 'bfloat16' or
+    'float16'), from its safetensors headers (no weights read), else its config's dtype."""
+    path = Path(path)
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__" and meta.get("dtype") in names:
+                return names[meta["dtype"]]
+    if path.is_dir() and (path / "config.json").exists():
+        conf = json.loads((path / "config.json").read_text())
+        dt = conf.get("dtype") or conf.get("torch_dtype")
+        if dt in names.values():
+            return dt
+    return "float32"
+
+
 def count_params(model) -> int:
     """Parameters counted once (tied embeddings count once)."""
     seen, total = set(), 0
@@ -218,14 +251,133 @@ def float_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_compatible(base, expert, expert_path: str | Path) -> None:
-    """An expert must have its base's architecture, parameter names and shapes."""
-    b, e = float_state(base), float_state(expert)
-    if set(b) != set(e):
-        missing = sorted(set(b) ^ set(e))[:3]
-        raise ModelError(f"expert {expert_path} does not match its base's parameters (differs at {missing}); "
+# An expert whose vocabulary grew (rows appended to embed_tokens / lm_head, e.g. special tokens
+# added at fine-tuning) is merged as mergekit merges it: mergekit's
+# merge_methods/generalized_task_arithmetic.py cuts an embedding tensor of another shape to the
+# base's (x[: base.shape[0], : base.shape[1]]) before forming its task vector, and with
+# `tokenizer_source: base` tokenizer/build.py + tokenizer/embed.py map every model's rows onto
+# the base's vocabulary by token, dropping tokens the base lacks; for an expert whose tokenizer is
+# the base's plus appended tokens both keep exactly its first rows. So rows beyond the base's
+# vocabulary are cut and the merged model keeps the base's vocabulary and tokenizer. mergekit
+# skips (with a warning) any other tensor of another shape; here that is an error.
+
+
+def vocab_tensors(model) -> set[str]:
+    """Names (as in float_state) of the model's input and output embedding matrices: the tensors
+    whose rows are the vocabulary."""
+    ids = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, get)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None and getattr(module, "weight", None) is not None:
+            ids.add(id(module.weight))
+    return {n for n, p in float_state(model).items() if id(p) in ids}
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def check_configs(base_config, expert_config, expert_path: str | Path) -> None:
+    """Architecture (model_type, architectures) and tied embeddings of an expert's config must be
+    its base's: a one-line ModelError naming the expert, the key and both values."""
+    def arch(c):
+        return getattr(c, "architectures", None) or None
+
+    checks = [("model_type", getattr(base_config, "model_type", None), getattr(expert_config, "model_type", None))]
+    if arch(base_config) and arch(expert_config):
+        checks.append(("architectures", list(arch(base_config)), list(arch(expert_config))))
+    checks.append(("tie_word_embeddings", getattr(_text_config(base_config), "tie_word_embeddings", None),
+                   getattr(_text_config(expert_config), "tie_word_embeddings", None)))
+    for key, b, e in checks:
+        if b != e:
+            raise ModelError(f"expert {expert_path} has {key} = {e!r} in its config.json but its base has {b!r}; "
+                             f"experts must share their base's architecture and tied embeddings")
+
+
+def check_shapes(base_shapes: dict[str, tuple[int, ...]], expert_shapes: dict[str, tuple[int, ...]],
+                 expert_path: str | Path, vocab: set[str] = frozenset(),
+                 allow_vocab_growth: bool = False) -> dict[str, int]:
+    """Tensor names and shapes of an expert against its base's (floating tensors). Returns the
+    rows to cut per tensor: a tensor in ``vocab`` with more rows than the base's (and the same
+    other dims) when ``allow_vocab_growth`` (see the note above on mergekit); any other mismatch is
+    a one-line ModelError naming the expert, the tensor and both shapes."""
+    missing, extra = sorted(set(base_shapes) - set(expert_shapes)), sorted(set(expert_shapes) - set(base_shapes))
+    if missing or extra:
+        differ = (f"missing {missing[:3]}" if missing else "") + (", " if missing and extra else "") \
+            + (f"extra {extra[:3]}" if extra else "")
+        raise ModelError(f"expert {expert_path} does not match its base's parameters ({differ}); "
                          f"was it fine-tuned from this base?")
-    for name in b:
-        if b[name].shape != e[name].shape:
-            raise ModelError(f"expert {expert_path} has shape {tuple(e[name].shape)} for {name} but the base has "
-                             f"{tuple(b[name].shape)}; was it fine-tuned from this base?")
+    cut = {}
+    for name, b in base_shapes.items():
+        e = tuple(expert_shapes[name])
+        if e == tuple(b):
+            continue
+        if allow_vocab_growth and name in vocab and len(e) == len(b) and e[1:] == tuple(b[1:]) and e[0] > b[0]:
+            cut[name] = e[0] - b[0]
+            continue
+        raise ModelError(f"expert {expert_path} has shape {e} for {name} but the base has {tuple(b)}; "
+                         f"was it fine-tuned from this base?")
+    return cut
+
+
+def check_compatible(base, expert, expert_path: str | Path, *, allow_vocab_growth: bool = False) -> dict[str, int]:
+    """An expert must have its base's architecture (config model_type / architectures), tied
+    embeddings (config tie_word_embeddings), parameter names and shapes. With
+    ``allow_vocab_growth``, embedding matrices with extra vocabulary rows are accepted: returns
+    {tensor name: rows beyond the base's} for the merge to cut (see :func:`check_shapes`)."""
+    check_configs(base.config, expert.config, expert_path)
+    shapes = {n: tuple(p.shape) for n, p in float_state(expert).items()}
+    return check_shapes({n: tuple(p.shape) for n, p in float_state(base).items()}, shapes, expert_path,
+                        vocab_tensors(base), allow_vocab_growth)
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the floating tensors in a model directory's safetensors files, from their
+    headers only (safetensors.safe_open; no weight is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                sl = sf.get_slice(key)
+                if sl.get_dtype().startswith(("F", "BF")):
+                    shapes[key] = tuple(sl.get_shape())
+    return shapes
+
+
+def check_expert_files(base, expert_path: str | Path, *, base_file_keys=(),
+                       allow_vocab_growth: bool = True) -> dict[str, int]:
+    """:func:`check_compatible` from a local expert directory's config.json and safetensors
+    headers (no weight loaded), against the loaded ``base``. Stored tensors that are no parameter
+    of their own are ignored: a tied model's output embedding (transformers ties it away on
+    loading), rotary ``inv_freq`` buffers, and any name the base's own files (``base_file_keys``)
+    hold too."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(expert_path))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"expert {expert_path}: its config.json could not be read ({first[:200]})") from None
+    check_configs(base.config, config, expert_path)
+    base_shapes = {n: tuple(p.shape) for n, p in float_state(base).items()}
+    shapes = safetensors_shapes(expert_path)
+    aliases = {n for n, _ in base.named_parameters(remove_duplicate=False)} - set(base_shapes)
+    for name in list(shapes):
+        if name not in base_shapes and (name in aliases or name in base_file_keys or name.endswith(".inv_freq")):
+            del shapes[name]
+    return check_shapes(base_shapes, shapes, expert_path, vocab_tensors(base), allow_vocab_growth)
+
+
+def vocab_cut_message(expert_path: str | Path, cut: dict[str, int], base_rows: dict[str, int]) -> str:
+    """The one log line for an expert whose extra vocabulary rows are cut."""
+    rows = max(cut.values())
+    where = ", ".join(f"{n} ({base_rows[n] + r} -> {base_rows[n]} rows)" for n, r in sorted(cut.items()))
+    return (f"expert {expert_path}: its vocabulary has {rows} more rows than the base's; {rows} rows cut from "
+            f"{where}: the merged model keeps the base's vocabulary (as mergekit with tokenizer_source: base)")

@@ -56,7 +56,9 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
 
     tok = models.load_tokenizer(base_path)
     allow_bin = cfg["allow_bin_checkpoints"]
-    model = models.load_model(base_path, cfg["sweep"]["dtype"], device, allow_bin=allow_bin)
+    dtype = sweep_dtype(cfg, base_path)
+    log(f"sweep {tag}: merges stored in {dtype} (sweep.dtype: {cfg['sweep']['dtype']}), arithmetic in float32")
+    model = models.load_model(base_path, dtype, device, allow_bin=allow_bin)
     n_params = models.count_params(model)
     live = models.float_state(model)
     merger = build_merger(cfg, method, params, model, live, base_path, expert_dirs, doms, device, tag, log)
@@ -118,6 +120,13 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
     log(f"sweep {tag}: {len(todo)} merges evaluated ({len(subsets)} in the table) in "
         f"{time.time() - t0:.1f}s -> {out}")
     return table
+
+
+def sweep_dtype(cfg: dict, base_path) -> str:
+    """The dtype merged models are stored in during the sweep: sweep.dtype, where ``auto`` is the
+    base's storage dtype (so a bf16 base gives bf16 merges, like the checkpoints a user would save)."""
+    dtype = cfg["sweep"]["dtype"]
+    return models.storage_dtype(base_path) if dtype == "auto" else dtype
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:
@@ -199,9 +208,12 @@ def _float_keys(src) -> set[str]:
 def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_path, expert_dirs: dict,
                  doms: list[str], device, tag: str, log=print) -> merge.SubsetMerger:
     """The sweep's SubsetMerger over the loaded base (``live``) and the experts, in memory or
-    streaming as ``sweep.max_memory_gb`` allows. Experts whose safetensors hold the base's
-    tensor names are read through memory maps (no transformers model built); others are
-    loaded through transformers and checked with models.check_compatible (memory mode)."""
+    streaming as ``sweep.max_memory_gb`` allows. Experts whose safetensors hold the model's
+    tensor names are checked from their config.json and safetensors headers
+    (models.check_expert_files) and read through memory maps (no transformers model built);
+    others are loaded through transformers and checked with models.check_compatible (memory
+    mode). An expert whose vocabulary grew has its embedding rows beyond the base's cut, as
+    mergekit does (see mergelaws.models), logged once per expert."""
     allow_bin = cfg["allow_bin_checkpoints"]
     names = list(live)
     mode, reuse = choose_merge_mode(cfg, live, len(doms), method in merge.SUM_METHODS, device, tag, log)
@@ -214,36 +226,50 @@ def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_p
         mode = "memory"
     if mode == "stream":
         merger = merge.SubsetMerger(method, params, base_src, seed=cfg["seed"], mode="stream", device=device,
-                                    base_dtype=models.resolve_dtype(cfg["sweep"]["dtype"]), names=names,
+                                    base_dtype=models.resolve_dtype(sweep_dtype(cfg, base_path)), names=names,
                                     reuse=reuse)
     else:
         merger = merge.SubsetMerger(method, params, {n: p.detach() for n, p in live.items()}, seed=cfg["seed"],
                                     mode="memory", device=device, names=names, reuse=reuse)
-    base_keys = _float_keys(base_src) if base_src is not None else None
+    # Every expert is checked against the base before anything is merged (models.check_compatible:
+    # architecture, tied embeddings, tensor names and shapes): from its config.json and safetensors
+    # headers where its files hold the model's tensor names (then read through memory maps), else
+    # after loading it through transformers (memory mode only: hub ids, other names, .bin).
+    # Embedding rows beyond the base's vocabulary are cut (logged once per expert).
+    base_keys = _float_keys(base_src) if base_src is not None else set()
+    srcs, cuts = {}, {}
     for d in doms:
-        src = _open(expert_dirs[d]) if base_keys is not None else None
-        if src is not None and _float_keys(src) != base_keys:
+        path = expert_dirs[d]
+        src = _open(path)
+        if src is not None and not all(n in src for n in names):
             if mode == "stream":
-                differ = sorted(_float_keys(src) ^ base_keys)[:3]
-                raise models.ModelError(f"expert {expert_dirs[d]} does not match its base's parameters (differs at "
-                                        f"{differ}); was it fine-tuned from this base?")
-            src = None  # transformers loads it and check_compatible judges
+                missing = [n for n in names if n not in src][:3]
+                raise models.ModelError(f"expert {path} does not match its base's parameters (missing {missing}); "
+                                        f"was it fine-tuned from this base?")
+            src = None  # stored under other names: transformers loads it and check_compatible judges
         if src is None and mode == "stream":
-            raise models.ModelError(f"expert {expert_dirs[d]} is not a local safetensors model directory, which "
+            raise models.ModelError(f"expert {path} is not a local safetensors model directory, which "
                                     f"streaming needs; convert it with save_pretrained, or raise "
                                     f"sweep.max_memory_gb so that the sweep loads it into memory")
+        if src is not None:
+            cuts[d] = models.check_expert_files(model, path, base_file_keys=base_keys)
+        srcs[d] = src
+    base_rows = {n: p.shape[0] for n, p in live.items() if p.dim()}
+    for d in doms:
+        path, src = expert_dirs[d], srcs[d]
         try:
-            if src is not None:
-                merger.add_expert(d, src)
-                continue
-            em = models.load_model(expert_dirs[d], "float32", "cpu", allow_bin=allow_bin)
-            models.check_compatible(model, em, expert_dirs[d])
-            merger.add_expert(d, {n: p.detach() for n, p in models.float_state(em).items()})
-            del em
+            if src is None:
+                em = models.load_model(path, "float32", "cpu", allow_bin=allow_bin)
+                cuts[d] = models.check_compatible(model, em, path, allow_vocab_growth=True)
+                src = {n: p.detach() for n, p in models.float_state(em).items()}
+                del em
+            if cuts[d]:
+                log(f"sweep {tag}: " + models.vocab_cut_message(path, cuts[d], base_rows))
+            merger.add_expert(d, src, vocab_cut=cuts[d])
         except models.ModelError:
             raise
         except ValueError as exc:
-            raise models.ModelError(f"expert {expert_dirs[d]} does not match its base ({exc}); was it fine-tuned "
+            raise models.ModelError(f"expert {path} does not match its base ({exc}); was it fine-tuned "
                                     f"from this base?") from None
     return merger
 
@@ -258,7 +284,8 @@ def fingerprint(cfg: dict, size: str, method: str, base: str, expert_dirs: dict[
                       if f.suffix in (".safetensors", ".json"))
 
     key = {"size": size, "method": method, "params": cfg["methods"][method], "seed": cfg["seed"],
-           "eval": cfg["eval"], "dtype": cfg["sweep"]["dtype"], "domains": cfg["domains"],
+           "eval": cfg["eval"], "dtype": sweep_dtype(cfg, base), "domains": cfg["domains"],
+           "system_prompt": cfg.get("system_prompt"),
            "subsets": [s.id for s in subsets], "base": stamp(base),
            "experts": {d: stamp(p) for d, p in sorted(expert_dirs.items())}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -109,23 +109,42 @@ def pretrain(cfg: dict, size: str, out: str | Path, tokenizer_path: str | Path, 
 
 # ---- experts -------------------------------------------------------------------------------
 
-def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | Path) -> dict:
-    t = cfg["train"]
+def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | Path, log=print) -> dict:
+    """Fine-tune one expert from its base (fp32 master weights; bf16 autocast on a GPU by default),
+    loss on the assistant turns rendered by the base's chat template; saved in the base's storage
+    dtype, so an expert of a bf16 base is a bf16 checkpoint like the base."""
+    t = grid.train_settings(cfg, size)
     device = models.resolve_device(t["device"])
+    on_gpu = device.startswith("cuda")
     tok = models.load_tokenizer(base)
     model = models.load_model(base, "float32", device, allow_bin=cfg["allow_bin_checkpoints"])
     enc = D.load_domain(cfg, domain, "train", tok, t["max_len"], limit=t["max_examples"])
+    log(f"expert {size}/{domain}: {len(enc.examples)} training examples, {enc.truncated} truncated to "
+        f"max_len={t['max_len']} tokens, {enc.skipped} skipped (no response token left)"
+        + ("" if not enc.truncated else "; raise train.max_len (or bases.<size>.train.max_len) to keep them whole"))
+    dtype = t["dtype"] if t["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
+    checkpointing = t["gradient_checkpointing"] if t["gradient_checkpointing"] != "auto" else on_gpu
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
     seed = _expert_seed(cfg["seed"], size, domain)
-    autocast = torch.bfloat16 if t["dtype"] == "bfloat16" else None
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
     t0 = time.time()
     losses = train_loop(model, enc.examples, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
                         warmup_ratio=t["warmup_ratio"], weight_decay=t["weight_decay"], seed=seed,
                         pad_id=tok.pad_token_id, device=device, desc=f"expert {size}/{domain}",
                         autocast_dtype=autocast)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    store = models.storage_dtype(base)
     record = {"size": size, "domain": domain, "base": str(base), "backend": "torch", "train": t,
+              "system_prompt": cfg.get("system_prompt"), "compute_dtype": dtype,
+              "gradient_checkpointing": bool(checkpointing), "storage_dtype": store,
               "seed": seed, "data": enc.stats, "loss_first": losses[0],
               "loss_last": sum(losses[-10:]) / len(losses[-10:]), "seconds": round(time.time() - t0, 2)}
-    models.save_model(model.cpu(), out, tokenizer=tok, extra_files={"mergelaws_expert.json": record})
+    model = model.cpu().to(models.resolve_dtype(store))
+    models.save_model(model, out, tokenizer=tok, extra_files={"mergelaws_expert.json": record})
     return record
 
 
