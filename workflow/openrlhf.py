@@ -3,7 +3,7 @@
 One expert = one OpenRLHF run (``openrlhf.cli.train_sft``, 0.11.x dotted flags):
 
 1. the domain's train pairs, read with the project's own reader (local JSONL(.gz) or ``hf://``
-   URIs), are written as OpenRLHF JSONL (``{"input": prompt, "output": response + eos}``);
+   URIs), are written as OpenRLHF JSONL (:func:`openrlhf_record`);
 2. the response-only loss mask OpenRLHF will use is checked against the project's on the
    tokenizer in use (:func:`check_loss_mask`), before any GPU time is spent;
 3. the command (:func:`build_command`) runs the ``deepspeed`` launcher (or plain ``python`` for
@@ -15,18 +15,64 @@ One expert = one OpenRLHF run (``openrlhf.cli.train_sft``, 0.11.x dotted flags):
 5. the result is verified (safetensors, loads, same parameters as its base), gets the tokenizer
    if missing and the train record ``mergelaws_expert.json``, and is renamed into place.
 
-Why the template matters: OpenRLHF (without a chat template) trains on
-``input_template.format(prompt) + output`` and puts the loss on every token after the first
-``len(tokenize(input_template.format(prompt)))`` tokens, the prompt being tokenized *alone*.
-Our template ``<|user|>{}<|assistant|>`` ends with a special token, so no BPE merge crosses the
-prompt/response boundary and OpenRLHF's targets are exactly the project's (the response and the
-end-of-text token, see ``mergelaws.data``). A template ending in a space (OpenRLHF's default
-``"User: {}\\nAssistant: "``) merges that space into the first response token, which then gets no
-loss; :func:`check_loss_mask` refuses such a setup.
+The training text is the project's one formatting path (``mergelaws.data``): the conversation
+[system (config ``system_prompt``)], user = prompt, assistant = response, rendered by the base
+tokenizer's own chat template, with the loss on the assistant turn through its end-of-turn token.
+OpenRLHF renders it itself: each JSONL line is ``{"input": [system,] user message(s), "output":
+[assistant message]}`` and the run gets ``--data.apply_chat_template --data.input_key input
+--data.output_key output`` (no ``--data.input_template``, which that path ignores; not
+``--data.multiturn``). OpenRLHF 0.11's ``SFTDataset`` then (reimplemented in
+:func:`openrlhf_example`):
+
+* prompt = ``apply_chat_template(input, add_generation_prompt=True)``, response = the text of
+  ``apply_chat_template(input + output)`` after ``len(prompt)`` characters — the same two
+  renderings as ``mergelaws.data.render``, so a system message, or the template's own default
+  system turn when ``system_prompt`` is null, is in both;
+* the example is ``(prompt + response).rstrip("\\n")``, plus ``" " + eos_token`` if that text
+  does not end with the eos token, tokenized as one string; its last token is set to eos;
+* the loss is on every token after the first ``len(tokenize(prompt))`` (the prompt tokenized
+  alone).
+
+Compared with the project's mask (``mergelaws.data.split_ids``: the generation prompt and the
+rest of the conversation tokenized apart, the targets being the latter through its last special
+token), checked on the real tokenizer and data before every run (:func:`check_loss_mask`; the
+counts go into the train record's ``loss_mask``):
+
+* Equal, token for token, as a rule: same input ids, targets = the response and the end-of-turn
+  token. The trailing text after the end-of-turn token (ChatML's ``"\\n"`` after ``<|im_end|>``)
+  is trained by neither: OpenRLHF strips trailing newlines before tokenizing.
+* Documented difference 1, ``fused_whitespace``: OpenRLHF tokenizes prompt + response as one
+  string. Where a response begins with whitespace (indented code) and the template's assistant
+  header ends in a newline, a GPT-2-style pre-tokenizer (SmolLM2's; by its pattern not Qwen2's,
+  which splits a newline from the spaces after it) makes the newline and the leading spaces one
+  token (``"ĊĠĠĠ"``), which OpenRLHF counts as prompt: those spaces get no loss there, and the
+  input ids hold the fused token instead of two; every later token is the same. The project
+  tokenizes the parts apart and trains the spaces. With SmolLM2's tokenizer and the system prompt:
+  2,006 of the 17,941 shipped training examples (all 2,000 of code, 6 of quotes; the other 15,935
+  identical); the tiny bases' header ends in a special token: none of them (17,941 identical).
+  Nothing in the JSONL can avoid it short of changing the response text.
+* Documented difference 2, ``eos_after_turn``: where the eos token is *not* the template's
+  end-of-turn token (a base model's tokenizer such as Qwen2.5's: eos ``<|endoftext|>``, turns
+  closed by ``<|im_end|>``), OpenRLHF appends ``" " + eos`` after the end-of-turn token and trains
+  on those two tokens too (the project's loss and every evaluation stop at the end-of-turn
+  token). OpenRLHF always ends an example with its eos token, whatever the JSONL holds. Equal
+  where eos is the end-of-turn token: the tiny bases' ``<|endoftext|>``, ``<|im_end|>`` of
+  SmolLM2-Instruct and Qwen2.5-Instruct.
+* Anything else is refused, in one line naming the tokenizer, the example and the first
+  differing target, e.g. an assistant header ending in a space (``"Ġ"`` + ``"1"`` merge into
+  ``"Ġ1"``: OpenRLHF's first target would be the response's second token), a turn closed by plain
+  text instead of a special token, or a generation prompt that is not the start of the rendered
+  conversation.
+
+A tokenizer with no chat template gets the project's plain format (prompt, newline, response,
+eos; no system prompt): ``{"input": prompt, "output": response + eos}`` with
+``--data.input_template "{}\\n"``; the eos in the output stops OpenRLHF appending ``" " + eos``.
+Difference 1 applies to the newline after the prompt in the same way.
 
 Known difference from the ``torch`` backend: an example longer than ``train.max_len`` is cut
-at its end by OpenRLHF (and its last kept token replaced by end-of-text); the torch backend keeps
-the prompt's end and the response's beginning. Both are counted in the train record.
+at its end by OpenRLHF (and its last kept token replaced by eos); one whose prompt alone has
+``max_len - 2`` tokens or more is dropped; the torch backend keeps the prompt's end and the
+response's beginning. Both are counted in the train record.
 """
 
 from __future__ import annotations
@@ -45,13 +91,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergelaws import data as D
-from mergelaws import models
+from mergelaws import grid, models
 from mergelaws.config import ConfigError
 from mergelaws.io import atomic_path
 
-#: The project's prompt template (mergelaws.data) in OpenRLHF's ``--data.input_template`` form.
-TEMPLATE = D.USER + "{}" + D.ASSISTANT
 INPUT_KEY, OUTPUT_KEY = "input", "output"
+#: ``--data.input_template`` for a tokenizer without a chat template: the project's plain format
+#: (prompt, newline, response; ``mergelaws.data.split_ids``).
+PLAIN_TEMPLATE = "{}\n"
 DEFAULT_MODULE = "openrlhf.cli.train_sft"
 #: ``verify: auto`` loads the whole expert and base when the expert's weights are at most this.
 FULL_VERIFY_MAX_BYTES = 4 * 2**30
@@ -62,7 +109,7 @@ class OpenRLHFError(models.ModelError):
 
 
 class LossMaskError(ConfigError):
-    """OpenRLHF's response mask would differ from the project's on this template and tokenizer."""
+    """OpenRLHF's response mask would differ from the project's on this tokenizer and data."""
 
 
 def settings(cfg: dict) -> dict:
@@ -70,8 +117,11 @@ def settings(cfg: dict) -> dict:
     return cfg["train"].get("openrlhf") or {}
 
 
-def template_of(cfg: dict) -> str:
-    return settings(cfg).get("input_template") or TEMPLATE
+def system_prompt(cfg: dict, tokenizer) -> str | None:
+    """The system prompt of every example: config ``system_prompt`` where the tokenizer has a
+    chat template (None = the template's own default), else none (the plain format has no place
+    for one, as in ``mergelaws.data.split_ids``)."""
+    return cfg.get("system_prompt") if D.has_chat_template(tokenizer) else None
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -83,20 +133,37 @@ def domain_pairs(cfg: dict, domain: str) -> list[tuple[str, str]]:
                         limit=cfg["train"].get("max_examples"), part="train")
 
 
-def openrlhf_record(prompt: str, response: str, eos_token: str) -> dict:
-    """One OpenRLHF JSONL object. The output ends with the eos token, so OpenRLHF does not
-    append ``" " + eos`` (which would add a space token the project never trains on)."""
-    return {INPUT_KEY: prompt, OUTPUT_KEY: response + eos_token}
+def openrlhf_record(tokenizer, prompt: str, response: str, system: str | None = None) -> dict:
+    """One OpenRLHF JSONL object.
+
+    With a chat template: the conversation of ``mergelaws.data.conversation``, ``input`` =
+    [system,] user and ``output`` = [assistant] (message lists, which OpenRLHF's chat-template
+    path concatenates and renders). Without one: the plain prompt and ``response + eos``, so
+    OpenRLHF does not append ``" " + eos`` (a space token the project never trains on).
+    """
+    if D.has_chat_template(tokenizer):
+        msgs = D.conversation(prompt, response, system)
+        return {INPUT_KEY: msgs[:-1], OUTPUT_KEY: msgs[-1:]}
+    return {INPUT_KEY: prompt, OUTPUT_KEY: response + tokenizer.eos_token}
 
 
-def write_jsonl(pairs, path: str | Path, eos_token: str) -> int:
+def write_jsonl(pairs, path: str | Path, tokenizer, system: str | None = None) -> int:
     """Write (prompt, response) pairs as OpenRLHF JSONL, atomically; returns the line count."""
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for prompt, response in pairs:
-            fh.write(json.dumps(openrlhf_record(prompt, response, eos_token), ensure_ascii=False) + "\n")
+            rec = openrlhf_record(tokenizer, prompt, response, system)
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def data_args(chat_template: bool) -> list[str]:
+    """train_sft's data flags for the JSONL of :func:`write_jsonl`."""
+    keys = ["--data.input_key", INPUT_KEY, "--data.output_key", OUTPUT_KEY]
+    if chat_template:
+        return [*keys, "--data.apply_chat_template"]
+    return [*keys, "--data.input_template", PLAIN_TEMPLATE]
 
 
 # ---- the loss mask -------------------------------------------------------------------------
@@ -105,86 +172,160 @@ def tokenizer_name(tokenizer) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def openrlhf_example(tokenizer, template: str, record: dict, max_len: int = 10**9) -> tuple[list[int], list[int]]:
-    """(input ids, target positions) as OpenRLHF 0.11's SFTDataset builds them (no chat template).
+def openrlhf_texts(tokenizer, record: dict, apply_chat_template: bool = True,
+                   input_template: str | None = PLAIN_TEMPLATE) -> tuple[str, str]:
+    """(prompt, response) text as OpenRLHF 0.11's ``preprocess_data`` builds them."""
+    if apply_chat_template:
+        prompt_message, response_message = record[INPUT_KEY], record[OUTPUT_KEY]
+        if isinstance(prompt_message, str) and isinstance(response_message, str):
+            prompt_message = [{"role": "user", "content": prompt_message}]
+            response_message = [{"role": "assistant", "content": response_message}]
+        prompt = tokenizer.apply_chat_template(prompt_message, tokenize=False, add_generation_prompt=True)
+        response = tokenizer.apply_chat_template(prompt_message + response_message, tokenize=False)[len(prompt):]
+        return prompt, response
+    prompt = record[INPUT_KEY]
+    if input_template:
+        prompt = input_template.format(prompt)
+    return prompt, record[OUTPUT_KEY]
 
-    The prompt is tokenized alone -> ``prompt_ids_len``; the loss mask is 1 on logit positions
-    ``[prompt_ids_len - 1 : -1]``, i.e. the targets are the tokens at ``prompt_ids_len ..`` end.
-    """
-    prompt = template.format(record[INPUT_KEY])
-    text = (prompt + record[OUTPUT_KEY]).rstrip("\n")
+
+def openrlhf_text(tokenizer, prompt: str, response: str) -> str:
+    """The one string OpenRLHF tokenizes for an example (``SFTDataset.__getitem__``)."""
+    text = (prompt + response).rstrip("\n")
     if not text.endswith(tokenizer.eos_token):
         text += " " + tokenizer.eos_token
+    return text
+
+
+def openrlhf_example(tokenizer, record: dict, apply_chat_template: bool = True, max_len: int = 10**9,
+                     input_template: str | None = PLAIN_TEMPLATE) -> tuple[list[int], list[int]] | None:
+    """(input ids, target positions) as OpenRLHF 0.11's ``SFTDataset`` builds them, or None for
+    an example it drops (empty prompt or response, or a prompt of ``max_len - 2`` tokens or more).
+
+    The prompt is tokenized alone -> ``prompt_ids_len``; the whole text is tokenized, its last
+    token set to eos; the loss mask is 1 on logit positions ``[prompt_ids_len - 1 : -1]``, i.e.
+    the targets are the tokens at ``prompt_ids_len`` .. the end.
+    """
+    prompt, response = openrlhf_texts(tokenizer, record, apply_chat_template, input_template)
     kw = dict(max_length=max_len, truncation=True, padding=False, add_special_tokens=False)
     prompt_ids_len = len(tokenizer(prompt, **kw)["input_ids"])
-    ids = list(tokenizer(text, **kw)["input_ids"])
-    ids[-1] = tokenizer.eos_token_id  # "to avoid EOS token truncation"
+    if not prompt or not response or prompt_ids_len >= max_len - 2:
+        return None
+    ids = list(tokenizer(openrlhf_text(tokenizer, prompt, response), **kw)["input_ids"])
+    ids[-1] = tokenizer.eos_token_id  # "to avoid EOS_token truncation"
     mask = [0] * len(ids)
-    for i in range(max(prompt_ids_len - 1, 0), len(ids) - 1):
+    span = range(len(ids))[prompt_ids_len - 1:-1]  # loss_mask[0, prompt_ids_len - 1 : -1] = 1
+    for i in span:
         mask[i] = 1
     return ids, [i + 1 for i, m in enumerate(mask) if m]  # logit i predicts token i + 1
 
 
-def project_example(tokenizer, template: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(input ids, target positions) by the project's rule: prompt and response (+ eos)
-    tokenized separately, loss on the response part (``mergelaws.data.encode_pair``)."""
-    if template == TEMPLATE:
-        ex, _ = D.encode_pair(tokenizer, prompt, response, 10**9)
-        ids, labels = ex.input_ids, ex.labels
-    else:
-        p_ids = tokenizer.encode(template.format(prompt), add_special_tokens=False)
-        r_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-        ids, labels = p_ids + r_ids, [D.IGNORE] * len(p_ids) + r_ids
-    return list(ids), [i for i, t in enumerate(labels) if i > 0 and t != D.IGNORE]
+def project_example(tokenizer, prompt: str, response: str, system: str | None = None) -> tuple[list[int], list[int]]:
+    """(input ids, target positions) by the project's rule (``mergelaws.data.encode_pair``, untruncated)."""
+    ex, _ = D.encode_pair(tokenizer, prompt, response, 10**9, system)
+    if ex is None:
+        return [], []
+    return list(ex.input_ids), [i for i, t in enumerate(ex.labels) if i > 0 and t != D.IGNORE]
 
 
-def check_loss_mask(tokenizer, pairs, template: str = TEMPLATE, limit: int | None = 256) -> dict:
-    """Check on ``pairs`` that OpenRLHF's response mask equals the project's; raise if not.
+def eos_tail(tokenizer) -> list[int]:
+    """What OpenRLHF appends to a text that does not end with the eos token: ``" " + eos``."""
+    return list(tokenizer(" " + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
 
-    Raises :class:`LossMaskError` naming the template and tokenizer when the first response
-    token would get no loss (a BPE merge across the prompt/response boundary, e.g. a template
-    ending in a space), or when the token sequences or targets differ in any other way.
-    """
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def compare_example(tokenizer, prompt: str, response: str, system: str | None = None) -> tuple[str, ...]:
+    """How OpenRLHF's example (:func:`openrlhf_example` on the JSONL record) relates to the
+    project's (``mergelaws.data.encode_pair``): ``("identical",)``, or the documented differences
+    it shows, ``"eos_after_turn"`` and/or ``"fused_whitespace"`` (module docstring). Raises
+    :class:`LossMaskError` (one line: tokenizer, example, where they differ) on anything else."""
+    chat = D.has_chat_template(tokenizer)
+    system = system if chat else None
+    where = f"openrlhf backend, tokenizer {tokenizer_name(tokenizer)} (prompt {prompt[:40]!r})"
+    try:
+        ours_ids, ours_t = project_example(tokenizer, prompt, response, system)
+    except D.DataError as exc:
+        raise LossMaskError(f"{where}: {exc}; OpenRLHF would train on the wrong text") from None
+    theirs = openrlhf_example(tokenizer, openrlhf_record(tokenizer, prompt, response, system), chat)
+    if theirs is None or not ours_t:
+        raise LossMaskError(f"{where}: the example has no response to train on (OpenRLHF would drop it); remove it "
+                            f"from the domain's data")
+    theirs_ids, theirs_t = theirs
+    kinds: list[str] = []
+    tail, eos = eos_tail(tokenizer), tokenizer.eos_token_id
+    k, n = len(tail), len(theirs_ids)
+    if (chat and k and ours_ids[-1] != eos and ours_ids[-1] in D.special_ids(tokenizer)
+            and theirs_ids[n - k:] == tail and theirs_t[-k:] == list(range(n - k, n))):
+        # the turn is not closed by the eos token: OpenRLHF appends " " + eos and trains on it
+        kinds.append("eos_after_turn")
+        theirs_ids, theirs_t = theirs_ids[:n - k], theirs_t[:-k]
+    if theirs_ids == ours_ids and theirs_t == ours_t:
+        return tuple(kinds) or ("identical",)
+    to, tt = [ours_ids[i] for i in ours_t], [theirs_ids[i] for i in theirs_t]
+    r = 0  # the targets' common end
+    while r < min(len(to), len(tt)) and to[-1 - r] == tt[-1 - r]:
+        r += 1
+    lead_ours, lead_theirs = _text(tokenizer, to[:len(to) - r]), _text(tokenizer, tt[:len(tt) - r])
+    if (r and lead_ours.isspace() and lead_ours.endswith(lead_theirs) and len(lead_theirs) < len(lead_ours)
+            and theirs_t == list(range(len(theirs_ids) - len(tt), len(theirs_ids)))
+            and _text(tokenizer, theirs_ids) == _text(tokenizer, ours_ids)):
+        # the response's leading whitespace merged into the prompt's last token (one-string tokenization)
+        kinds.append("fused_whitespace")
+        return tuple(kinds)
+    at = next((i for i, (a, b) in enumerate(zip(tt, to)) if a != b), min(len(tt), len(to)))
+    show = (lambda ids: tokenizer.convert_ids_to_tokens(ids[max(at - 2, 0):at + 6]))
+    raise LossMaskError(
+        f"{where}: OpenRLHF's loss would differ from the project's at target {at + 1} of {len(to)}: OpenRLHF "
+        f"trains on {show(tt)}..., the project on {show(to)}...; use train.backend: torch for this base, or a "
+        f"tokenizer whose chat template closes the assistant turn with a special token (ideally its eos token)")
+
+
+def check_loss_mask(tokenizer, pairs, system: str | None = None, limit: int | None = 256) -> dict:
+    """Check on (the first ``limit`` of) ``pairs`` that OpenRLHF's response mask is the project's
+    up to the documented differences (:func:`compare_example`); raise :class:`LossMaskError` if
+    not. Returns the counts, for the train record."""
+    chat = D.has_chat_template(tokenizer)
+    counts = {"identical": 0, "eos_after_turn": 0, "fused_whitespace": 0}
     checked = 0
     for prompt, response in pairs if limit is None else pairs[:limit]:
-        ours_ids, ours_t = project_example(tokenizer, template, prompt, response)
-        theirs_ids, theirs_t = openrlhf_example(tokenizer, template,
-                                                openrlhf_record(prompt, response, tokenizer.eos_token))
         checked += 1
-        if ours_ids == theirs_ids and ours_t == theirs_t:
-            continue
-        where = (f"train.openrlhf.input_template {template!r} with tokenizer {tokenizer_name(tokenizer)} "
-                 f"(example {checked}, prompt {prompt[:40]!r})")
-        prompt_ids = tokenizer(template.format(prompt), add_special_tokens=False)["input_ids"]
-        plen = len(prompt_ids)
-        if theirs_ids[:plen] != list(prompt_ids):
-            # the joined text tokenizes differently at the prompt's end: a merge across the boundary
-            merged = tokenizer.convert_ids_to_tokens(theirs_ids[plen - 1:plen])
-            alone = tokenizer.convert_ids_to_tokens(list(prompt_ids[-1:]))
-            raise LossMaskError(
-                f"{where}: OpenRLHF counts the prompt's tokens on the prompt alone (ending in {alone}), but in "
-                f"prompt + response that token merges with the response's start into {merged}, so the first "
-                f"response token gets no loss (the off-by-one trap, e.g. of a template ending in a space); end the "
-                f"template with a special token or a newline, or leave input_template unset (default {TEMPLATE!r})")
-        theirs_tokens = tokenizer.convert_ids_to_tokens([theirs_ids[i] for i in theirs_t])
-        ours_tokens = tokenizer.convert_ids_to_tokens([ours_ids[i] for i in ours_t])
-        raise LossMaskError(
-            f"{where}: OpenRLHF would train on {theirs_tokens[:8]}... but the project's loss is on "
-            f"{ours_tokens[:8]}...; use the default template {TEMPLATE!r} or one whose prompt part tokenizes "
-            f"the same alone and joined to the response")
-    return {"checked": checked, "template": template, "tokenizer": tokenizer_name(tokenizer)}
+        try:
+            kinds = compare_example(tokenizer, prompt, response, system)
+        except LossMaskError as exc:
+            raise LossMaskError(str(exc).replace(" (prompt ", f" (example {checked}, prompt ", 1)) from None
+        for kind in kinds:
+            counts[kind] += 1
+    return {"checked": checked, **counts, "tokenizer": tokenizer_name(tokenizer),
+            "format": "chat_template" if chat else "plain", "system_prompt": system if chat else None,
+            "extra_targets": tokenizer.convert_ids_to_tokens(eos_tail(tokenizer)) if counts["eos_after_turn"] else []}
 
 
-def length_stats(tokenizer, pairs, template: str, max_len: int, limit: int | None = 256) -> dict:
+def mask_summary(mask: dict) -> str:
+    """One line about a :func:`check_loss_mask` result."""
+    out = (f"loss mask ({mask['format']}) checked on {mask['checked']} examples: {mask['identical']} identical "
+           f"to the project's")
+    if mask["fused_whitespace"]:
+        out += (f", {mask['fused_whitespace']} with the response's leading whitespace fused into the prompt "
+                f"(not trained)")
+    if mask["eos_after_turn"]:
+        out += f", {mask['eos_after_turn']} with {mask['extra_targets']} trained after the end-of-turn token"
+    return out
+
+
+def length_stats(tokenizer, pairs, system: str | None, max_len: int, limit: int | None = 256) -> dict:
     """How many (of the first ``limit``) examples OpenRLHF would cut or drop at ``max_len``."""
+    chat = D.has_chat_template(tokenizer)
+    system = system if chat else None
     cut = dropped = n = 0
     for prompt, response in pairs if limit is None else pairs[:limit]:
         n += 1
-        p = len(tokenizer.encode(template.format(prompt), add_special_tokens=False))
-        r = len(tokenizer.encode(response, add_special_tokens=False)) + 1
-        if p >= max_len - 2:
+        p_text, r_text = openrlhf_texts(tokenizer, openrlhf_record(tokenizer, prompt, response, system), chat)
+        if len(tokenizer.encode(p_text, add_special_tokens=False)) >= max_len - 2:
             dropped += 1
-        elif p + r > max_len:
+        elif len(tokenizer.encode(openrlhf_text(tokenizer, p_text, r_text), add_special_tokens=False)) > max_len:
             cut += 1
     return {"sampled": n, "cut_at_max_len": cut, "dropped_long_prompt": dropped}
 
@@ -344,15 +485,14 @@ def interpreter(cfg: dict) -> str:
 
 
 def train_args(cfg: dict, *, base: str, dataset: str | Path, output_dir: str | Path, ckpt_dir: str | Path,
-               seed: int) -> list[str]:
-    """``openrlhf.cli.train_sft`` flags (0.11.x dotted names) from ``train`` and ``train.openrlhf``."""
+               seed: int, chat_template: bool = True) -> list[str]:
+    """``openrlhf.cli.train_sft`` flags (0.11.x dotted names) from ``train`` and ``train.openrlhf``;
+    ``chat_template``: whether the base's tokenizer has one (see :func:`data_args`)."""
     t, o = cfg["train"], settings(cfg)
     args = [
         "--model.model_name_or_path", str(base),
         "--data.dataset", str(dataset),
-        "--data.input_key", INPUT_KEY,
-        "--data.output_key", OUTPUT_KEY,
-        "--data.input_template", template_of(cfg),
+        *data_args(chat_template),
         "--data.max_len", str(t["max_len"]),
         "--train.micro_batch_size", str(o["micro_batch_size"]),
         "--train.batch_size", str(t["batch_size"]),
@@ -385,7 +525,7 @@ def train_args(cfg: dict, *, base: str, dataset: str | Path, output_dir: str | P
 
 def build_command(cfg: dict, *, base: str, dataset: str | Path, output_dir: str | Path, ckpt_dir: str | Path,
                   seed: int, topology: Topology | None = None, hostfile: str | Path | None = None,
-                  port: int | None = None, python: str | None = None) -> list[str]:
+                  port: int | None = None, python: str | None = None, chat_template: bool = True) -> list[str]:
     """The argv of one OpenRLHF SFT run.
 
     * ``launcher: python`` — ``python -u -m <module> <flags>`` (one process; :func:`launch_env` sets
@@ -402,7 +542,8 @@ def build_command(cfg: dict, *, base: str, dataset: str | Path, output_dir: str 
     """
     o = settings(cfg)
     py = python or interpreter(cfg)
-    flags = train_args(cfg, base=base, dataset=dataset, output_dir=output_dir, ckpt_dir=ckpt_dir, seed=seed)
+    flags = train_args(cfg, base=base, dataset=dataset, output_dir=output_dir, ckpt_dir=ckpt_dir, seed=seed,
+                       chat_template=chat_template)
     module = o["module"]
     if o["launcher"] == "python":
         return [py, "-u", "-m", module, *flags]
@@ -574,7 +715,10 @@ def ckpt_dir_for(out: str | Path) -> Path:
 
 def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, seed: int,
                  echo=None) -> dict:
-    """Fine-tune one expert with OpenRLHF; write it atomically to ``out``; return its record."""
+    """Fine-tune one expert with OpenRLHF; write it atomically to ``out``; return its record.
+
+    The size's own train settings (``bases.<size>.train``) apply, as in the torch backend."""
+    cfg = {**cfg, "train": grid.train_settings(cfg, size)}
     o = settings(cfg)
     out = Path(out).absolute()
     topology = current_topology() if o["launcher"] == "deepspeed" else None
@@ -588,15 +732,16 @@ def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, 
     base_arg = str(Path(base).absolute()) if Path(base).is_dir() else str(base)
 
     tok = models.load_tokenizer(base)
+    chat = D.has_chat_template(tok)
+    system = system_prompt(cfg, tok)
     pairs = domain_pairs(cfg, domain)
-    template = template_of(cfg)
-    mask = check_loss_mask(tok, pairs, template, limit=o["mask_check_examples"])
-    lengths = length_stats(tok, pairs, template, cfg["train"]["max_len"], limit=o["mask_check_examples"])
+    mask = check_loss_mask(tok, pairs, system, limit=o["mask_check_examples"])
+    lengths = length_stats(tok, pairs, system, cfg["train"]["max_len"], limit=o["mask_check_examples"])
 
     ckpt = ckpt_dir_for(out)
     ckpt.mkdir(parents=True, exist_ok=True)
     dataset = ckpt / "train.jsonl"
-    n = write_jsonl(pairs, dataset, tok.eos_token)
+    n = write_jsonl(pairs, dataset, tok, system)
     log_path = ckpt / "openrlhf.log"
     port = master_port(os.environ, o.get("master_port"))
     hostfile = None
@@ -611,8 +756,8 @@ def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, 
     t0 = time.time()
     with atomic_path(out, is_dir=True) as tmp:
         argv = build_command(cfg, base=base_arg, dataset=dataset, output_dir=tmp, ckpt_dir=ckpt / "ds", seed=seed,
-                             topology=topology, hostfile=hostfile, port=port, python=py)
-        print(f"openrlhf: {size}/{domain}: {n} examples; log {log_path}\n$ {shlex.join(argv)}",
+                             topology=topology, hostfile=hostfile, port=port, python=py, chat_template=chat)
+        print(f"openrlhf: {size}/{domain}: {n} examples; {mask_summary(mask)}; log {log_path}\n$ {shlex.join(argv)}",
               file=echo or sys.stdout, flush=True)
         rc, lines = stream(argv, env, log_path, echo=echo)
         if rc != 0:
@@ -631,7 +776,7 @@ def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, 
         tail = losses[-10:]
         record = {
             "size": size, "domain": domain, "base": str(base), "backend": "openrlhf", "train": cfg["train"],
-            "seed": seed, "data": {"examples": n, **lengths}, "loss_mask": mask,
+            "system_prompt": system, "seed": seed, "data": {"examples": n, **lengths}, "loss_mask": mask,
             "loss_first": losses[0] if losses else float("nan"),
             "loss_last": round(sum(tail) / len(tail), 4) if tail else float("nan"),
             "loss_source": "OpenRLHF progress bar gpt_loss (3 significant digits), per micro-batch",
