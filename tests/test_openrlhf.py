@@ -405,6 +405,7 @@ def test_config_section_defaults_and_errors(default_cfg_raw):
     # no input_template any more: OpenRLHF renders the base tokenizer's chat template, as the project does
     msg = bad(input_template="User: {}\nAssistant: ")
     assert "unknown key 'input_template' under 'train.openrlhf'" in msg and "\n" not in msg
+    assert "chat template" in msg and "delete it" in msg
 
 
 def test_paper_config_validates_with_openrlhf(paper_cfg):

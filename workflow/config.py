@@ -65,6 +65,13 @@ def _key(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
+#: Keys that older versions took, with what replaces them (named in the unknown-key message).
+REMOVED_KEYS = {
+    "input_template": "it was removed: every example is rendered by the base tokenizer's own chat template "
+                      "(system_prompt sets its system turn); delete it",
+}
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     """Turn a jsonschema error into one sentence naming the key and what is allowed."""
     key = _key(error)
@@ -74,6 +81,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = sorted(sch.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         where = "the top level" if key == "(top level)" else f"'{key}'"
+        hints = [f"{e}: {REMOVED_KEYS[e]}" for e in extra if e in REMOVED_KEYS]
+        if hints:
+            return f"unknown key {', '.join(repr(e) for e in extra)} under {where}; " + "; ".join(hints)
         return (f"unknown key {', '.join(repr(e) for e in extra)} under {where}; "
                 f"allowed keys: {', '.join(allowed)}")
     if v == "enum":
