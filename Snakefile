@@ -22,7 +22,7 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+validate(config, "workflow/mergelaws/schemas/config.schema.yaml")
 
 
 include: "rules/base.smk"

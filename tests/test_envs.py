@@ -136,7 +136,7 @@ def test_snakemake_creates_each_env_once_and_installs_the_checkout_into_it(conda
         out = subprocess.run([str(Path(prefix) / "bin" / "python"), "-c",
                               "import mergelaws, pathlib; print(pathlib.Path(mergelaws.__file__).parent)"],
                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-        assert out.stdout.strip() == str(ROOT / "workflow"), out.stderr  # editable: this checkout
+        assert out.stdout.strip() == str(ROOT / "workflow" / "mergelaws"), out.stderr  # editable: this checkout
     assert "Running post-deploy script" in proc.stderr
 
 
