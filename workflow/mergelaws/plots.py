@@ -472,7 +472,11 @@ def plot_unified_fit(table: pd.DataFrame, fits: dict | None, view: str,
             if ok and f.get("r2") is not None:
                 title += f"  (unified $R^2$ = {f['r2']:.3f})"
             elif not ok:
-                ax.text(0.97, 0.97, "no converged unified fit", transform=ax.transAxes,
+                why = (f or {}).get("reason") or "it did not converge"
+                import textwrap
+
+                ax.text(0.97, 0.97, "no unified fit:\n" + textwrap.fill(why, 30), transform=ax.transAxes,
+                        bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
                         ha="right", va="top", fontsize=8, color="0.3")
             ax.set_title(title, fontsize=10)
             _k_axis(ax, 1, kmax)
