@@ -258,15 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
 
     args = ap.parse_args(argv)
-    from mergelaws.config import ConfigError
-    from mergelaws.data import DataError
-    from mergelaws.errors import ModelError
+    from mergelaws.errors import MergelawsError, one_line
 
     t0 = time.time()
     try:
         args.fn(args)
-    except (ConfigError, DataError, ModelError, NotImplementedError) as exc:
-        print(f"mergelaws {args.cmd}: error: {exc}", file=sys.stderr)
+    except (MergelawsError, NotImplementedError) as exc:  # bad input: one line, exit 2; a bug keeps its traceback
+        print(f"mergelaws {args.cmd}: error: {one_line(exc, 2000)}", file=sys.stderr)
         return 2
     print(f"mergelaws {args.cmd}: done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -11,11 +11,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from mergelaws.errors import ConfigError, one_line  # noqa: F401  (raised here and re-exported; one base for the CLI)
+
 SCHEMA_FILE = "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one sentence naming the key and the fix."""
 
 
 @lru_cache(maxsize=1)
@@ -193,12 +191,19 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; pass the path of your config.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file (a directory?); pass the path of your config.yaml")
     try:
-        cfg = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a config is YAML text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or one_line(exc)
+        raise ConfigError(f"{path} is not valid YAML{where} ({what}); fix the file's syntax") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping of keys at the top level")
     return cfg

@@ -30,19 +30,20 @@ with the response's beginning. An example left with no response token is skipped
 from __future__ import annotations
 
 import gzip
+import zlib
 import io
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergelaws.errors import DataError  # noqa: F401  (raised here and re-exported)
+
 IGNORE = -100
 #: The paper's system prompt for training and evaluation; config ``system_prompt``.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-class DataError(ValueError):
-    """A data file problem, naming the file and the fix."""
 
 
 @dataclass
@@ -81,7 +82,20 @@ def read_pairs(path: str | Path, prompt_field: str = "prompt", response_field: s
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the domain's train/eval path in the config")
-    pairs = []
+    if not path.is_file():
+        raise DataError(f"data file {path} is not a file (a directory?); give the path of a JSONL(.gz) file")
+    pairs: list[tuple[str, str]] = []
+    try:
+        _read_jsonl(path, pairs, prompt_field, response_field, limit)
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # a corrupt .gz, a binary file
+        raise DataError(f"data file {path} could not be read as UTF-8 JSONL{' (gzip)' if path.suffix == '.gz' else ''} "
+                        f"({type(exc).__name__}); give a JSONL(.gz) file of prompt/response objects") from None
+    if not pairs:
+        raise DataError(f"data file {path} holds no examples; a domain needs at least one prompt/response pair")
+    return pairs
+
+
+def _read_jsonl(path: Path, pairs: list, prompt_field: str, response_field: str, limit: int | None) -> None:
     with _open(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -97,9 +111,6 @@ def read_pairs(path: str | Path, prompt_field: str = "prompt", response_field: s
             pairs.append((obj[prompt_field], obj[response_field]))
             if limit is not None and len(pairs) >= limit:
                 break
-    if not pairs:
-        raise DataError(f"data file {path} holds no examples; a domain needs at least one prompt/response pair")
-    return pairs
 
 
 # ---- hub datasets -----------------------------------------------------------------------

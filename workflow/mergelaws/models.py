@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mergelaws.errors import ModelError  # noqa: F401  (raised here, caught by the CLI)
+from mergelaws.errors import ModelError, one_line  # noqa: F401  (raised here, caught by the CLI)
 from mergelaws.io import atomic_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"]
@@ -66,7 +66,20 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(str(path))
+    local = check_model_source(path)
+    if local and not any((Path(path) / n).exists() for n in
+                         ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        what = "is not a Hugging Face model directory (no config.json" if not (Path(path) / "config.json").exists() \
+            else "has no tokenizer (no tokenizer.json"
+        raise ModelError(f"model directory {path} {what} or tokenizer_config.json); pass a model directory, or "
+                         f"copy the base model's tokenizer files into it")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        if not local:
+            raise ModelError(hub_message(path, exc)) from None
+        raise ModelError(f"model directory {path}: its tokenizer could not be loaded ({one_line(exc)}); copy "
+                         f"the base model's tokenizer files into it again") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -125,10 +138,32 @@ def bin_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("pytorch_model*.bin"))
 
 
+def check_model_source(path: str | Path) -> bool:
+    """True for a local directory, False for a hub id (``org/name`` with no such directory). A
+    path that is neither (it does not exist, or it is a file) is refused here, so that it is
+    never sent to a hub as an id."""
+    from mergelaws.grid import looks_like_hub_id
+
+    p = Path(path)
+    if p.is_dir():
+        return True
+    if p.exists():
+        raise ModelError(f"model path {p} is a file, not a model directory; pass the directory that holds "
+                         f"config.json, the safetensors weights and the tokenizer")
+    if looks_like_hub_id(str(path)):
+        return False
+    raise ModelError(f"model directory {p} does not exist; check the path (a hub id is written org/name)")
+
+
+def hub_message(path, exc) -> str:
+    return (f"{path} is not a local directory, and as a hub model id it could not be loaded ({one_line(exc, 200)}); "
+            f"pass a local model directory, or run where the hub (or its cache) is reachable")
+
+
 def check_model_dir(path: str | Path, allow_bin: bool = False) -> str:
     """Check a local model directory; returns the weights format to load ('safetensors' or 'bin')."""
     path = Path(path)
-    if not path.is_dir():
+    if not check_model_source(path):
         return "safetensors"  # a hub id; transformers reports its own errors
     if not (path / "config.json").exists():
         raise ModelError(f"model directory {path} has no config.json; it is not a Hugging Face model "
@@ -190,7 +225,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", al
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype), use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if not Path(path).is_dir():
-            raise
+            raise ModelError(hub_message(path, exc)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model directory {path} could not be loaded ({first}); its weights are truncated or "
                          f"corrupt: copy it again or delete it so the workflow rebuilds it") from None

@@ -336,7 +336,10 @@ def write_table(table: pd.DataFrame, out: str | Path, csv: bool = False) -> None
 
 def aggregate(files: list[str | Path], out: str | Path) -> pd.DataFrame:
     """Concatenate sweep tables into the one losses table (+ a CSV beside it)."""
-    table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    from mergelaws.io import read_table
+
+    fix = "pass the sweep tables (results/sweeps/<size>/<method>/<shard>.parquet) that `mergelaws sweep` writes"
+    table = pd.concat([read_table(f, "sweep table", COLUMNS, fix) for f in files], ignore_index=True)
     table = table.sort_values(["params", "size", "method", "k", "subset", "eval_domain"], kind="stable").reset_index(drop=True)
     write_table(table, out, csv=True)
     return table
