@@ -8,9 +8,9 @@ Usage (from the repo root, venv active)::
     python benchmarks/bench_merge.py --device cuda         # on a GPU (mergekit-yaml then gets --cuda)
 
 Experts are the base plus seeded Gaussian noise (0.01). Part 1 times
-``merge.merge_state_dicts`` in this process (best of --repeat), as a ratio to ``average``.
+``merging.merge_state_dicts`` in this process (best of --repeat), as a ratio to ``average``.
 Part 2 (only with checkpoints on disk, i.e. not with --random-params) times whole YAML merges,
-load + merge + save, of ``mergelaws.mergeyaml.run_merge`` in this process and ``mergekit-yaml``
+load + merge + save, of ``mergelaws.merging.mergekit.run_merge`` in this process and ``mergekit-yaml``
 in a subprocess (its interpreter start-up included, so mergekit's figure carries ~3-5 s of
 import overhead on a small model). Ratios, not absolute times, are the result: the machine is
 shared. Prints markdown tables.
@@ -96,7 +96,7 @@ def where(device: str) -> str:
 
 
 def part1(base, experts, repeat: int, device: str = "cpu") -> None:
-    from mergelaws import merge as M
+    from mergelaws import merging as M
 
     base = {n: t.to(device) for n, t in base.items()}
     experts = [{n: t.to(device) for n, t in e.items()} for e in experts]
@@ -115,7 +115,7 @@ def part1(base, experts, repeat: int, device: str = "cpu") -> None:
 
 def part2(base_dir: Path, expert_dirs: list[str], tmp: Path, mergekit: str | None, repeat: int,
           device: str = "cpu") -> None:
-    from mergelaws import mergeyaml
+    from mergelaws.merging import mergekit
 
     print(f"\n### End-to-end YAML merge (load + merge + save), {len(expert_dirs)} experts of {base_dir.name}, "
           f"{where(device)}, best of {repeat}\n")
@@ -138,7 +138,7 @@ def part2(base_dir: Path, expert_dirs: list[str], tmp: Path, mergekit: str | Non
         cfg["dtype"] = "float32"
         path = tmp / f"{method}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        ours = best_of(lambda: mergeyaml.run_merge(path, tmp / f"ours_{method}", device=device, log=lambda *_: None),
+        ours = best_of(lambda: mergekit.run_merge(path, tmp / f"ours_{method}", device=device, log=lambda *_: None),
                        repeat, device)
         ref = ref or ours
         row = f"| {method} | {ours:.2f} | {ours / ref:.2f} |"

@@ -1,4 +1,4 @@
-"""Time the sweep's merge engine (merge.SubsetMerger) against merging one subset at a time.
+"""Time the sweep's merge engine (merging.SubsetMerger) against merging one subset at a time.
 
 Usage (from the repo root, venv active)::
 
@@ -12,11 +12,11 @@ Nine experts are made by deterministic perturbation of the base (seeded N(0, 0.0
 per expert) and saved as safetensors model directories in a temporary directory. For each method:
 
 (a) one at a time: for every subset, ``safetensors.torch.load_file`` the base and the subset's k
-    experts, then ``merge.merge_state_dicts`` (what a loop over single merges costs);
+    experts, then ``merging.merge_state_dicts`` (what a loop over single merges costs);
 (b) fused, direct: load the base and the nine experts once, then ``merge_state_dicts`` for every
     subset in memory (the sweep's engine before sum reuse);
 (c) SubsetMerger in memory, as ``mergelaws.sweep.run_sweep`` uses it when the budget allows: task
-    vectors held, subsets in ``merge.reuse_order``; average/task_arithmetic move a running sum from
+    vectors held, subsets in ``merging.reuse_order``; average/task_arithmetic move a running sum from
     subset to subset (add the experts that join, subtract those that leave), other methods merge
     directly;
 (d) SubsetMerger streaming from the safetensors files (the small-budget mode): nothing held but
@@ -97,7 +97,7 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from mergelaws import merge, models
+    from mergelaws import merging, models
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     seed = cfg["seed"]
@@ -119,7 +119,7 @@ def main() -> None:
             params = dict(cfg["methods"].get(method, {}))
             if method == "ties" and args.ties_density is not None:
                 params["density"] = args.ties_density
-            merge.resolve_params(method, params)
+            merging.resolve_params(method, params)
             sid = {s: "-".join(names[i] for i in s) for s in subsets}
             res = {}
 
@@ -130,7 +130,7 @@ def main() -> None:
                 b = load_file(str(base_file), device=dev)
                 es = [load_file(str(expert_files[i]), device=dev) for i in s]
                 a_bytes += size_of[base_file] + sum(size_of[expert_files[i]] for i in s)
-                out = merge.merge_state_dicts(method, b, es, params, seed=seed, subset_id=sid[s])
+                out = merging.merge_state_dicts(method, b, es, params, seed=seed, subset_id=sid[s])
                 if j % max(1, len(subsets) // 8) == 0:
                     ref[s] = out
             res["a"] = (0.0, clock() - t0, a_bytes, None)
@@ -149,21 +149,21 @@ def main() -> None:
             t1 = clock()
             diff = 0.0
             for s in subsets:
-                out = merge.merge_state_dicts(method, base_state, [experts[i] for i in s], params, seed=seed,
-                                              subset_id=sid[s])
+                out = merging.merge_state_dicts(method, base_state, [experts[i] for i in s], params, seed=seed,
+                                                subset_id=sid[s])
                 if s in ref:
                     diff = max(diff, check(ref[s], out, exact=True))
             res["b"] = (t_load, clock() - t1, all_bytes, None)
 
             # (c), (d): the SubsetMerger, in memory and streaming
-            order = merge.reuse_order([[names[i] for i in s] for s in subsets])
+            order = merging.reuse_order([[names[i] for i in s] for s in subsets])
             for label, mode in (("c", "memory"), ("d", "stream")):
                 t0 = clock()
-                base_src = merge.SafetensorsSource(base_dir)
-                merger = merge.SubsetMerger(method, params, base_src, seed=seed, mode=mode,
-                                            names=list(base_state), device=dev)
+                base_src = merging.SafetensorsSource(base_dir)
+                merger = merging.SubsetMerger(method, params, base_src, seed=seed, mode=mode,
+                                              names=list(base_state), device=dev)
                 for name, d in zip(names, dirs):
-                    merger.add_expert(name, merge.SafetensorsSource(d))
+                    merger.add_expert(name, merging.SafetensorsSource(d))
                 t_load = clock() - t0
                 t1 = clock()
                 err = 0.0

@@ -7,10 +7,10 @@ Usage (from the repo root, venv active; make the checkpoint first with bench_mer
 
 For each method and mode (``memory``: base + every task vector held in fp32, plus the running sum
 for average; ``stream``: read tensor by tensor from the safetensors files, running sum held) a
-child process builds a ``merge.SubsetMerger`` over the base and the four experts and merges every
-non-empty subset (15) in ``merge.reuse_order``, writing into a preallocated fp32 "live model" as
+child process builds a ``merging.SubsetMerger`` over the base and the four experts and merges every
+non-empty subset (15) in ``merging.reuse_order``, writing into a preallocated fp32 "live model" as
 the sweep does. Reported: the growth of the child's peak resident memory over its start (VmHWM -
-VmRSS after the live model is allocated), the merger's own estimate (merge.merge_memory_estimate),
+VmRSS after the live model is allocated), the merger's own estimate (merging.merge_memory_estimate),
 set-up seconds, seconds per merge and the bytes read. One thread. Nothing is asserted.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 CHILD = r"""
 import json, re, sys, time, itertools, torch
 torch.set_num_threads(1)
-from mergelaws import merge as M
+from mergelaws import merging as M
 work, method, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 def status(key):
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

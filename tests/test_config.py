@@ -57,7 +57,7 @@ def test_zero_subsets(default_cfg_raw):
 
 
 def test_schema_method_params_match_registry():
-    from mergelaws import merge
+    from mergelaws import merging as merge
 
     defs = config.schema()["$defs"]
     assert set(config.schema()["properties"]["methods"]["properties"]) == set(merge.method_names())

@@ -2,15 +2,15 @@
 
 Every test compares a run on ``DEVICE`` with the same run on the CPU, on the shipped tiny bases
 (data/bases/xs and data/bases/m) and seeded perturbed experts (the helpers and fixtures of
-tests/test_sweep_engine.py, tests/test_merge.py and tests/test_mergeyaml.py):
+tests/test_sweep_engine.py, tests/test_merge.py and tests/test_mergekit.py):
 
 (a) every registered merge method: merged tensors equal to fp32 tolerance; the random masks of
     dare, dare_ties and della identical (the CPU generator's draws, DELLA's keep probabilities bit
     for bit); TIES's trim keeps exactly the same entries, and so the same count; the sweep's merge
-    engine (merge.SubsetMerger, in memory and streaming) equal too;
+    engine (merging.SubsetMerger, in memory and streaming) equal too;
 (b) ``evaluate_examples`` (and ``mergelaws eval``'s run_eval): the same tokens, loss to 1e-5 relative;
 (c) a sweep (``mergelaws.sweep.run_sweep``, ``sweep.device``): the same table, loss to 1e-5 relative;
-(d) ``mergelaws merge`` (mergeyaml, ``--device``): written tensors equal to fp32 tolerance.
+(d) ``mergelaws merge`` (merging.mergekit, ``--device``): written tensors equal to fp32 tolerance.
 
 TIES's sign election sums the k task vectors with one ``sum(0)``, whose order of additions is
 torch's (on the CPU it changes from k >= 5): the experts here are k <= 4, so an entry whose sum
@@ -36,7 +36,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mergelaws import merge as M
+from mergelaws import merging as M
 from mergelaws import models
 
 DEVICE = os.environ.get("MERGELAWS_TEST_DEVICE", "cuda")
@@ -56,8 +56,8 @@ pytestmark = pytest.mark.skipif(
 
 # helpers and fixtures of the CPU tests, reused (tests/ is on sys.path, as for tests/synthetic.py)
 from test_merge import _experts as _merge_experts  # noqa: E402
-from test_mergeyaml import STREAM_CASES, _write, _yaml  # noqa: E402
-from test_mergeyaml import experts  # noqa: E402,F401  (fixture: 3 perturbed xs experts on disk)
+from test_mergekit import STREAM_CASES, _write, _yaml  # noqa: E402
+from test_mergekit import experts  # noqa: E402,F401  (fixture: 3 perturbed xs experts on disk)
 from test_sweep_engine import DOMS, _perturb, _state  # noqa: E402
 from test_sweep_engine import sweep_setup  # noqa: E402,F401  (fixture: 3 experts + a validated config)
 
@@ -176,8 +176,8 @@ def test_ties_trim_keeps_the_same_entries(pool, discrete, density):
     size, base, _ = pool
     experts = _merge_experts(base, K, discrete=discrete)
     for n, d in _mask_pairs(base, experts):
-        ref = M._trim(d, density, None, None)
-        got = M._trim(d.to(DEVICE), density, None, None)
+        ref = M.trim(d, density, None, None)
+        got = M.trim(d.to(DEVICE), density, None, None)
         keep = M.ties_keep_count(density, d[0].numel())
         counts = [int(torch.count_nonzero(g)) for g in got]
         assert counts == [int(torch.count_nonzero(r)) for r in ref], (size, n)
@@ -309,7 +309,7 @@ def _same_files(got_dir, ref_dir, what: str) -> None:
 @pytest.mark.parametrize("method,mparams,params", STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
 def test_yaml_merge_same_on_device(tmp_path, experts, method, mparams, params):  # noqa: F811
     """run_merge tensor by tensor (the task vectors moved to the device per tensor)."""
-    from mergelaws import mergeyaml as MY
+    from mergelaws.merging import mergekit as MY
 
     path = _write(tmp_path, _yaml(method, experts, mparams, params, base=method != "linear", dtype="float32"))
     for dev in ("cpu", DEVICE):
@@ -319,12 +319,12 @@ def test_yaml_merge_same_on_device(tmp_path, experts, method, mparams, params): 
 
 def test_yaml_merge_in_memory_same_on_device(tmp_path, experts):  # noqa: F811
     """The whole-model path (base loaded on the device through transformers)."""
-    from mergelaws import mergeyaml as MY
+    from mergelaws.merging import mergekit as MY
 
     plan = MY.parse_config(_yaml("della", experts, [{"weight": 1.0, "density": 0.6, "epsilon": 0.2}] * 3))
     for dev in ("cpu", DEVICE):
-        MY._run_merge_in_memory(plan, tmp_path / f"whole-{dev.replace(':', '')}", seed=3, device=dev,
-                                allow_bin=False, log=lambda *_: None, t0=0.0)
+        MY.run_merge_in_memory(plan, tmp_path / f"whole-{dev.replace(':', '')}", seed=3, device=dev,
+                               allow_bin=False, log=lambda *_: None, t0=0.0)
     _same_files(tmp_path / f"whole-{DEVICE.replace(':', '')}", tmp_path / "whole-cpu", "della in memory")
 
 

@@ -169,7 +169,7 @@ def test_nonfinite_merge_is_recorded_and_excluded(trained, tmp_path):
     import numpy as np
     from safetensors.torch import load_file, save_file
 
-    from mergelaws import config, fit, grid
+    from mergelaws import config, grid, laws
     from mergelaws.sweep import run_sweep
 
     work, cfgfile = trained
@@ -189,7 +189,7 @@ def test_nonfinite_merge_is_recorded_and_excluded(trained, tmp_path):
     assert failed["loss"].isna().all()
     assert any("non-finite weights" in line and "quotes" in line for line in logs)
     with pytest.warns(UserWarning, match="dropping .* failed merge"):
-        views = fit.view_table(table, ["cross_domain"])
+        views = laws.view_table(table, ["cross_domain"])
     assert np.isfinite(views["mean"]).all()
     k1 = views[views.k == 1]
     assert int(k1["n_subsets"].iloc[0]) == 2  # code and algebra; the quotes expert failed

@@ -1,4 +1,4 @@
-"""Tests for mergelaws.fit: views, per-size and unified law fits, fit_all."""
+"""Tests for mergelaws.laws: views, per-size and unified law fits, fit_all."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelaws import fit as F
+from mergelaws import laws
 
-# Paper Table 3 (Average), in-domain joint fits: L*, B, beta, A0, gamma, b0 (PAPER.md 3.1)
+# Paper Table 3 (Average), in-domain joint fits: L*, B, beta, A0, gamma, b0
 TABLE3 = {
     "algebra": (0.18092, 0.11453, 0.42335, 0.052334, 0.0086009, 0.096378),
     "biology": (0.63884, 0.6201, 0.37247, 0.1588, 1.4702e-11, 0.022561),
@@ -20,7 +20,7 @@ TABLE3 = {
     "code": (0.28292, 0.20851, 0.41186, 0.082102, 0.13678, 0.43453),
     "discrete": (0.2052, 0.3295, 0.26766, 0.066181, 4.7525e-12, 9.8614e-05),
 }
-# Paper Table 6 (Average) variance joint fits, in practice a0 * N^-gamma / (k + b0) (PAPER.md 3.3)
+# Paper Table 6 (Average) variance joint fits, in practice a0 * N^-gamma / (k + b0) (App. H.2)
 TABLE6_VAR = {
     "algebra": (0.00159, 0.0178, 1.89e-11),
     "biology": (0.0556, 0.151, 0.272),
@@ -51,50 +51,50 @@ def test_per_size_recovers_table3_noise_free(domain):
     Ls, B, beta, A0, gamma, b0 = p
     for N in SIZES_B:
         y = law(p, N, KS)
-        f = F.fit_per_size(KS, y)
-        assert f["converged"] and f["reason"] is None
+        f = laws.fit_per_size(KS, y)
+        assert f.converged and f.reason is None
         L_inf_true = Ls + B * N ** (-beta)
         A_true = A0 * N ** (-gamma)
-        assert f["L_inf"] == pytest.approx(L_inf_true, rel=1e-7)
-        assert f["A"] == pytest.approx(A_true, rel=1e-6)
-        assert f["b"] == pytest.approx(b0, abs=1e-6)
-        assert f["r2"] > 1 - 1e-10 and f["rmse"] < 1e-9
-        assert f["n_points"] == 9 and f["weights"] == "k"
-        np.testing.assert_allclose(F.predict_per_size(f, KS), y, rtol=1e-9)
+        assert f.L_inf == pytest.approx(L_inf_true, rel=1e-7)
+        assert f.A == pytest.approx(A_true, rel=1e-6)
+        assert f.b == pytest.approx(b0, abs=1e-6)
+        assert f.r2 > 1 - 1e-10 and f.rmse < 1e-9
+        assert f.n_points == 9 and f.weights == "k"
+        np.testing.assert_allclose(laws.predict_per_size(f, KS), y, rtol=1e-9)
 
 
 def test_per_size_b_at_lower_bound_is_flagged():
     # chemistry b0 = 1.7e-14, i.e. on the bound b >= 0
     y = law(TABLE3["chemistry"], 3.0, KS)
-    f = F.fit_per_size(KS, y)
-    assert f["b"] == pytest.approx(0.0, abs=1e-6)
-    assert f["at_bound"] == ["b"]
+    f = laws.fit_per_size(KS, y)
+    assert f.b == pytest.approx(0.0, abs=1e-6)
+    assert f.at_bound == ["b"]
     # algebra b0 = 0.096: interior
-    f2 = F.fit_per_size(KS, law(TABLE3["algebra"], 3.0, KS))
-    assert f2["at_bound"] == []
+    f2 = laws.fit_per_size(KS, law(TABLE3["algebra"], 3.0, KS))
+    assert f2.at_bound == []
 
 
 def test_per_size_rising_curve_gives_negative_A():
     y = 0.9 - 0.25 / (KS + 1.5)  # loss rising with k
-    f = F.fit_per_size(KS, y)
-    assert f["converged"]
-    assert f["A"] == pytest.approx(-0.25, rel=1e-6)
-    assert f["L_inf"] == pytest.approx(0.9, rel=1e-8)
-    assert f["b"] == pytest.approx(1.5, rel=1e-5)
+    f = laws.fit_per_size(KS, y)
+    assert f.converged
+    assert f.A == pytest.approx(-0.25, rel=1e-6)
+    assert f.L_inf == pytest.approx(0.9, rel=1e-8)
+    assert f.b == pytest.approx(1.5, rel=1e-5)
 
 
 def test_per_size_too_few_points_not_converged():
-    f = F.fit_per_size([1, 2, 1, 2], [0.8, 0.7, 0.81, 0.69])
-    assert f["converged"] is False
-    assert "distinct k" in f["reason"]
-    assert math.isnan(f["L_inf"])
+    f = laws.fit_per_size([1, 2, 1, 2], [0.8, 0.7, 0.81, 0.69])
+    assert f.converged is False
+    assert "distinct k" in f.reason
+    assert math.isnan(f.L_inf)
     # k = 0 is excluded, leaving 2 distinct k
-    f = F.fit_per_size([0, 1, 2], [0.9, 0.8, 0.7])
-    assert f["converged"] is False and f["n_points"] == 2
+    f = laws.fit_per_size([0, 1, 2], [0.9, 0.8, 0.7])
+    assert f.converged is False and f.n_points == 2
     # NaN losses are dropped, not fitted
-    f = F.fit_per_size([1, 2, 3, 4], [0.8, np.nan, np.nan, 0.7])
-    assert f["converged"] is False
-    assert np.all(np.isnan(F.predict_per_size(f, [1, 2])))
+    f = laws.fit_per_size([1, 2, 3, 4], [0.8, np.nan, np.nan, 0.7])
+    assert f.converged is False
+    assert np.all(np.isnan(laws.predict_per_size(f, [1, 2])))
 
 
 def test_per_size_ignores_k0_and_uses_three_points_exactly():
@@ -103,30 +103,30 @@ def test_per_size_ignores_k0_and_uses_three_points_exactly():
     k = np.array([0, 1, 2, 4])
     y = true[0] + true[1] / (k + true[2])
     y[0] = 5.0  # base model value, must not influence the fit
-    f = F.fit_per_size(k, y)
-    assert f["converged"] and f["n_points"] == 3
-    assert (f["L_inf"], f["A"], f["b"]) == pytest.approx(true, rel=1e-6)
+    f = laws.fit_per_size(k, y)
+    assert f.converged and f.n_points == 3
+    assert (f.L_inf, f.A, f.b) == pytest.approx(true, rel=1e-6)
 
 
 def test_per_size_weights_options():
     rng = np.random.default_rng(0)
     y = law(TABLE3["code"], 1.5, KS) + rng.normal(0, 0.003, KS.size)
-    fk = F.fit_per_size(KS, y)
-    fk_arr = F.fit_per_size(KS, y, weights=KS.astype(float))
-    fnone = F.fit_per_size(KS, y, weights="none")
-    assert fk["L_inf"] == pytest.approx(fk_arr["L_inf"], rel=1e-9)
-    assert fk_arr["weights"] == "custom" and fnone["weights"] == "none"
-    assert fk["L_inf"] != pytest.approx(fnone["L_inf"], rel=1e-6)  # weights really change the fit
+    fk = laws.fit_per_size(KS, y)
+    fk_arr = laws.fit_per_size(KS, y, weights=KS.astype(float))
+    fnone = laws.fit_per_size(KS, y, weights="none")
+    assert fk.L_inf == pytest.approx(fk_arr.L_inf, rel=1e-9)
+    assert fk_arr.weights == "custom" and fnone.weights == "none"
+    assert fk.L_inf != pytest.approx(fnone.L_inf, rel=1e-6)  # weights really change the fit
     sem = np.full(KS.size, 0.01)
     sem[-1] = 0.0  # one subset at k = M: falls back to the smallest positive sem
-    fs = F.fit_per_size(KS, y, weights="sem", sem=sem)
-    assert fs["converged"] and fs["weights"].startswith("sem")
+    fs = laws.fit_per_size(KS, y, weights="sem", sem=sem)
+    assert fs.converged and fs.weights.startswith("sem")
     # equal sems == unweighted
-    fs_eq = F.fit_per_size(KS, y, weights="sem", sem=np.full(KS.size, 0.02))
-    assert fs_eq["L_inf"] == pytest.approx(fnone["L_inf"], rel=1e-8)
-    fs0 = F.fit_per_size(KS, y, weights="sem", sem=np.zeros(KS.size))
-    assert fs0["converged"] and fs0["weights"].startswith("k")
-    assert fs0["L_inf"] == pytest.approx(fk["L_inf"], rel=1e-9)
+    fs_eq = laws.fit_per_size(KS, y, weights="sem", sem=np.full(KS.size, 0.02))
+    assert fs_eq.L_inf == pytest.approx(fnone.L_inf, rel=1e-8)
+    fs0 = laws.fit_per_size(KS, y, weights="sem", sem=np.zeros(KS.size))
+    assert fs0.converged and fs0.weights.startswith("k")
+    assert fs0.L_inf == pytest.approx(fk.L_inf, rel=1e-9)
 
 
 # ------------------------------------------------------------------ unified law
@@ -137,17 +137,17 @@ def test_unified_recovers_table3_noise_free(domain):
     p = TABLE3[domain]
     N, K = grid()
     y = law(p, N, K)
-    f = F.fit_unified(N, K, y)
-    assert f["converged"] and f["n_sizes"] == 7 and f["n_points"] == 63
+    f = laws.fit_unified(N, K, y)
+    assert f.converged and f.n_sizes == 7 and f.n_points == 63
     Ls, B, beta, A0, gamma, b0 = p
-    assert f["L_star"] == pytest.approx(Ls, rel=1e-5)
-    assert f["B"] == pytest.approx(B, rel=1e-5)
-    assert f["beta"] == pytest.approx(beta, rel=1e-5)
-    assert f["A0"] == pytest.approx(A0, rel=1e-5)
-    assert f["gamma"] == pytest.approx(gamma, abs=1e-5)
-    assert f["b"] == pytest.approx(b0, abs=1e-5)
-    assert f["r2"] > 1 - 1e-10
-    np.testing.assert_allclose(F.predict_unified(f, N, K), y, rtol=1e-7)
+    assert f.L_star == pytest.approx(Ls, rel=1e-5)
+    assert f.B == pytest.approx(B, rel=1e-5)
+    assert f.beta == pytest.approx(beta, rel=1e-5)
+    assert f.A0 == pytest.approx(A0, rel=1e-5)
+    assert f.gamma == pytest.approx(gamma, abs=1e-5)
+    assert f.b == pytest.approx(b0, abs=1e-5)
+    assert f.r2 > 1 - 1e-10
+    np.testing.assert_allclose(laws.predict_unified(f, N, K), y, rtol=1e-7)
 
 
 def test_unified_tiny_models_numerically_stable():
@@ -157,9 +157,9 @@ def test_unified_tiny_models_numerically_stable():
     K = K.astype(float)
     for p in [(2.0, 0.05, 0.3, 0.4, 0.2, 0.5), (3.0, 0.001, 1.2, 0.002, 0.8, 2.0)]:
         y = law(p, N, K)
-        f = F.fit_unified(N, K, y)
-        assert f["converged"]
-        got = [f[n] for n in ("L_star", "B", "beta", "A0", "gamma", "b")]
+        f = laws.fit_unified(N, K, y)
+        assert f.converged
+        got = [getattr(f, n) for n in ("L_star", "B", "beta", "A0", "gamma", "b")]
         np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
 
 
@@ -174,32 +174,32 @@ def test_unified_with_paper_level_noise_predicts_well():
         y = law(p, N, K)
         for seed in range(3):
             e = np.random.default_rng(seed).normal(0.0, 1.0, y.size) * sd
-            f = F.fit_unified(N, K, y + e)
-            assert f["converged"]
-            pred = F.predict_unified(f, N, K)
+            f = laws.fit_unified(N, K, y + e)
+            assert f.converged
+            pred = laws.predict_unified(f, N, K)
             rms_err = np.sqrt(np.mean((pred - y) ** 2))
             rms_noise = np.sqrt(np.mean(e**2))
             assert rms_err < 0.7 * rms_noise, (domain, seed)
             assert np.sqrt(np.mean(((pred - y) / y) ** 2)) < 0.015, (domain, seed)
             # floor at k -> infinity and tail amplitude at 32B
             Linf = p[0] + p[1] * 32.0 ** (-p[2])
-            assert f["L_star"] + f["B"] * 32.0 ** (-f["beta"]) == pytest.approx(Linf, rel=0.05)
+            assert f.L_star + f.B * 32.0 ** (-f.beta) == pytest.approx(Linf, rel=0.05)
 
 
 def test_unified_extrapolates_to_72b_noise_free():
     N, K = grid()
     p = TABLE3["code"]
     m = N < 72
-    f = F.fit_unified(N[m], K[m], law(p, N[m], K[m]))
-    np.testing.assert_allclose(F.predict_unified(f, 72.0, KS), law(p, 72.0, KS), rtol=1e-6)
+    f = laws.fit_unified(N[m], K[m], law(p, N[m], K[m]))
+    np.testing.assert_allclose(laws.predict_unified(f, 72.0, KS), law(p, 72.0, KS), rtol=1e-6)
 
 
 def test_unified_needs_three_sizes():
     N, K = grid()
     m = N <= 1.5
-    f = F.fit_unified(N[m], K[m], law(TABLE3["algebra"], N[m], K[m]))
-    assert f["converged"] is False and "sizes" in f["reason"]
-    assert np.all(np.isnan(F.predict_unified(f, 1.0, KS)))
+    f = laws.fit_unified(N[m], K[m], law(TABLE3["algebra"], N[m], K[m]))
+    assert f.converged is False and "sizes" in f.reason
+    assert np.all(np.isnan(laws.predict_unified(f, 1.0, KS)))
 
 
 # ------------------------------------------------------------------ views
@@ -227,7 +227,7 @@ def _hand_losses() -> pd.DataFrame:
 
 
 def test_view_table_hand_computed():
-    t = F.view_table(_hand_losses())
+    t = laws.view_table(_hand_losses())
     assert list(t.columns) == ["size", "params", "method", "view", "k", "mean", "std", "var",
                                "sem", "n_subsets"]
 
@@ -271,8 +271,8 @@ def test_view_table_from_csv_and_sorted(tmp_path):
     df = _hand_losses()
     p = tmp_path / "losses.csv"
     df.sample(frac=1.0, random_state=3).to_csv(p, index=False)  # shuffled; "" members -> NaN
-    t1 = F.view_table(pd.read_csv(p), ["cross_domain", "in_domain"])
-    t2 = F.view_table(df, ["cross_domain", "in_domain"])
+    t1 = laws.view_table(pd.read_csv(p), ["cross_domain", "in_domain"])
+    t2 = laws.view_table(df, ["cross_domain", "in_domain"])
     pd.testing.assert_frame_equal(t1, t2)
     assert list(t2["view"].unique()) == ["cross_domain", "in_domain"]
     assert t2.groupby("view")["k"].apply(lambda s: s.is_monotonic_increasing).all()
@@ -280,14 +280,14 @@ def test_view_table_from_csv_and_sorted(tmp_path):
 
 def test_view_table_in_domain_column_derived_when_missing():
     df = _hand_losses()
-    t1 = F.view_table(df, ["in_domain", "held_out"])
-    t2 = F.view_table(df.drop(columns=["in_domain"]), ["in_domain", "held_out"])
+    t1 = laws.view_table(df, ["in_domain", "held_out"])
+    t2 = laws.view_table(df.drop(columns=["in_domain"]), ["in_domain", "held_out"])
     pd.testing.assert_frame_equal(t1, t2)
 
 
 def test_view_table_unknown_view_raises():
     with pytest.raises(ValueError):
-        F.view_table(_hand_losses(), ["bogus"])
+        laws.view_table(_hand_losses(), ["bogus"])
 
 
 # ------------------------------------------------------------------ fit_all
@@ -326,56 +326,56 @@ def synthetic_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0)),
 def test_fit_all_recovers_domain_view_and_is_deterministic():
     losses = synthetic_losses()
     views = ("in_domain", "cross_domain", "domain:code")
-    a = F.fit_all(losses, views=views)
-    b = F.fit_all(losses.sample(frac=1.0, random_state=1), views=views)
+    a = laws.fit_all(losses, views=views)
+    b = laws.fit_all(losses.sample(frac=1.0, random_state=1), views=views)
     assert a == b
-    json.dumps(a, allow_nan=False)  # strict JSON
-    assert set(a) == {"per_size", "unified", "variance", "settings"}
+    json.dumps(a.to_dict(), allow_nan=False)  # strict JSON
+    assert set(a.to_dict()) == {"per_size", "unified", "variance", "settings"}
     # 2 methods x 3 views x 4 sizes
-    assert len(a["per_size"]) == 24 and len(a["unified"]) == 6
+    assert len(a.per_size) == 24 and len(a.unified) == 6
     # domain:code follows the law exactly (k = 1..4 only: 4 points, 3 parameters)
     p = list(TABLE3["code"])
-    for f in a["per_size"]:
-        if f["view"] != "domain:code" or f["method"] != "avg":
+    for f in a.per_size:
+        if f.view != "domain:code" or f.method != "avg":
             continue
-        N = f["N"]
-        assert f["converged"]
-        assert f["k_fitted"] == [1, 2, 3, 4]
-        assert f["L_inf"] == pytest.approx(p[0] + p[1] * N ** (-p[2]), rel=1e-5)
-        assert f["A"] == pytest.approx(p[3] * N ** (-p[4]), rel=1e-4)
-    u = next(f for f in a["unified"] if f["view"] == "domain:code" and f["method"] == "ta")
-    assert u["converged"] and u["sizes"] == ["s", "m", "l", "xl"]
-    assert u["A0"] == pytest.approx(p[3] * 1.2, rel=1e-4)
-    assert u["beta"] == pytest.approx(p[2], rel=1e-4)
+        N = f.N
+        assert f.converged
+        assert f.k_fitted == [1, 2, 3, 4]
+        assert f.L_inf == pytest.approx(p[0] + p[1] * N ** (-p[2]), rel=1e-5)
+        assert f.A == pytest.approx(p[3] * N ** (-p[4]), rel=1e-4)
+    u = next(f for f in a.unified if f.view == "domain:code" and f.method == "ta")
+    assert u.converged and u.sizes == ["s", "m", "l", "xl"]
+    assert u.A0 == pytest.approx(p[3] * 1.2, rel=1e-4)
+    assert u.beta == pytest.approx(p[2], rel=1e-4)
 
 
 def test_fit_all_cross_domain_is_macro_mean_of_laws():
     losses = synthetic_losses(methods=("avg",))
-    fits = F.fit_all(losses, views=("cross_domain",))
-    table = F.view_table(losses, ["cross_domain"])
-    for f in fits["per_size"]:
-        N = f["N"]
+    fits = laws.fit_all(losses, views=("cross_domain",))
+    table = laws.view_table(losses, ["cross_domain"])
+    for f in fits.per_size:
+        N = f.N
         truth = np.mean([law(TABLE3[e], N, np.arange(1, 5)) for e in DOMAINS], axis=0)
-        got = table[(table["size"] == f["size"]) & (table["k"] >= 1)]["mean"].to_numpy()
+        got = table[(table["size"] == f.size) & (table["k"] >= 1)]["mean"].to_numpy()
         np.testing.assert_allclose(got, truth, rtol=1e-12)
         # a mean of 4 laws with different b is not exactly one law, but very close
-        np.testing.assert_allclose(F.predict_per_size(f, np.arange(1, 5)), truth, rtol=2e-3)
+        np.testing.assert_allclose(laws.predict_per_size(f, np.arange(1, 5)), truth, rtol=2e-3)
 
 
 def test_fit_all_summary_and_sem_weights():
     losses = synthetic_losses(sizes=(("s", 0.5), ("m", 3.0)), methods=("avg",))
-    fits = F.fit_all(losses, views=("in_domain",), weights="sem")
-    assert fits["settings"]["weights"] == "sem"
+    fits = laws.fit_all(losses, views=("in_domain",), weights="sem")
+    assert fits.settings["weights"] == "sem"
     # only two sizes: the unified fit is reported as not converged, not raised
-    assert len(fits["unified"]) == 1 and fits["unified"][0]["converged"] is False
-    assert fits["unified"][0]["reason"]
-    s = F.summary_frame(fits)
+    assert len(fits.unified) == 1 and fits.unified[0].converged is False
+    assert fits.unified[0].reason
+    s = laws.summary_frame(fits)
     assert len(s) == 3
     assert list(s["size"]) == ["s", "m", "all"]
     assert s["converged"].tolist() == [True, True, False]
     assert s.loc[s["size"] == "s", "L_inf"].notna().all()
     with pytest.raises(ValueError):
-        F.fit_all(losses, weights="bogus")
+        laws.fit_all(losses, weights="bogus")
 
 
 def test_base_only_method_is_shared():
@@ -383,27 +383,25 @@ def test_base_only_method_is_shared():
     base = losses[losses["k"] == 0]
     merged = losses[losses["k"] > 0]
     relabelled = pd.concat([merged, base[base["method"] == "avg"].assign(method="base")])
-    t1 = F.view_table(losses, ["cross_domain"])
-    t2 = F.view_table(relabelled, ["cross_domain"])
+    t1 = laws.view_table(losses, ["cross_domain"])
+    t2 = laws.view_table(relabelled, ["cross_domain"])
     pd.testing.assert_frame_equal(t1, t2)
 
 
 def test_unified_floor_linear_in_logN_stays_nonnegative():
     """Three tiny sizes whose floor falls linearly in log N (as on the embedded default):
     unconstrained, beta -> 0 with L* = -B -> -inf; the fit must keep L*, B >= 0 and say so."""
-    from mergelaws import fit as F
-
     N = np.repeat([1.5e-4, 5.3e-4, 1.7e-3], 9)
     k = np.tile(np.arange(1, 10), 3)
     floor = 4.2 - 0.33 * np.log(N / 1.5e-4) / np.log(3.4)
     y = floor + 0.3 / (k + 0.2)
-    out = F.fit_unified(N, k, y)
-    assert out["converged"]
-    assert out["L_star"] >= 0 and out["B"] >= 0
-    assert abs(out["L_star"]) < 1e3 and abs(out["B"]) < 1e3
-    assert out["r2"] > 0.99
-    if out["L_star"] == 0:
-        assert "L_star" in out["at_bound"]
+    out = laws.fit_unified(N, k, y)
+    assert out.converged
+    assert out.L_star >= 0 and out.B >= 0
+    assert abs(out.L_star) < 1e3 and abs(out.B) < 1e3
+    assert out.r2 > 0.99
+    if out.L_star == 0:
+        assert "L_star" in out.at_bound
 
 
 # ------------------------------------------------------------------ Huber loss
@@ -411,17 +409,17 @@ def test_unified_floor_linear_in_logN_stays_nonnegative():
 
 def test_huber_helpers():
     r = np.array([-3.0, -0.5, 0.0, 0.5, 3.0])
-    np.testing.assert_allclose(F.huber_rho(r, 1.0), [2.5, 0.125, 0.0, 0.125, 2.5])
-    np.testing.assert_allclose(F.huber_weights(r, 1.0), [1 / 3, 1, 1, 1, 1 / 3])
+    np.testing.assert_allclose(laws.huber_rho(r, 1.0), [2.5, 0.125, 0.0, 0.125, 2.5])
+    np.testing.assert_allclose(laws.huber_weights(r, 1.0), [1 / 3, 1, 1, 1, 1 / 3])
     # MAD about zero, scaled to a normal sd
-    assert F.robust_scale([1.0, -1.0, 2.0]) == pytest.approx(1.0 / 0.6744897501960817)
+    assert laws.robust_scale([1.0, -1.0, 2.0]) == pytest.approx(1.0 / 0.6744897501960817)
     for bad in [("huberish", None), ("huber", 0.0), ("huber", -1.0), ("huber", float("nan"))]:
         with pytest.raises(ValueError):
-            F.check_loss(*bad)
-    F.check_loss("huber", 0.01)
-    F.check_loss("linear", None)
+            laws.check_loss(*bad)
+    laws.check_loss("huber", 0.01)
+    laws.check_loss("linear", None)
     with pytest.raises(ValueError):
-        F.fit_per_size(KS, KS * 1.0, loss="l1")
+        laws.fit_per_size(KS, KS * 1.0, loss="l1")
 
 
 def test_huber_resists_outlier_cell_per_size():
@@ -432,26 +430,26 @@ def test_huber_resists_outlier_cell_per_size():
     y = y + np.random.default_rng(0).normal(0.0, 0.002, KS.size)
     bad = y.copy()
     bad[6] += 0.05  # k = 7
-    ls = F.fit_per_size(KS, bad)
-    hub = F.fit_per_size(KS, bad, loss="huber")
-    clean = F.fit_per_size(KS, y)
-    assert ls["loss"] == "linear" and ls["irls"] is None and ls["downweighted"] == []
-    assert hub["loss"] == "huber" and hub["irls"]["converged"] and 7 in hub["downweighted"]
-    assert hub["f_scale"] > 0
+    ls = laws.fit_per_size(KS, bad)
+    hub = laws.fit_per_size(KS, bad, loss="huber")
+    clean = laws.fit_per_size(KS, y)
+    assert ls.loss == "linear" and ls.irls is None and ls.downweighted == []
+    assert hub.loss == "huber" and hub.irls["converged"] and 7 in hub.downweighted
+    assert hub.f_scale > 0
     # least squares is pulled off by the outlier; Huber is not
-    assert abs(ls["L_inf"] - true["L_inf"]) > 0.015
-    assert abs(hub["L_inf"] - true["L_inf"]) < 0.004
-    assert abs(hub["L_inf"] - clean["L_inf"]) < abs(ls["L_inf"] - clean["L_inf"]) / 5
+    assert abs(ls.L_inf - true["L_inf"]) > 0.015
+    assert abs(hub.L_inf - true["L_inf"]) < 0.004
+    assert abs(hub.L_inf - clean.L_inf) < abs(ls.L_inf - clean.L_inf) / 5
     ok = np.arange(KS.size) != 6
-    pred = lambda f: F.predict_per_size(f, KS)[ok]  # noqa: E731
+    pred = lambda f: laws.predict_per_size(f, KS)[ok]  # noqa: E731
     assert np.max(np.abs(pred(hub) - y[ok])) < 0.006 < np.max(np.abs(pred(ls) - y[ok]))
     # a threshold above every residual is least squares
-    big = F.fit_per_size(KS, bad, loss="huber", f_scale=10.0)
-    assert big["downweighted"] == [] and big["L_inf"] == pytest.approx(ls["L_inf"], rel=1e-12)
+    big = laws.fit_per_size(KS, bad, loss="huber", f_scale=10.0)
+    assert big.downweighted == [] and big.L_inf == pytest.approx(ls.L_inf, rel=1e-12)
     # a fixed threshold also isolates the outlier
-    fixed = F.fit_per_size(KS, bad, loss="huber", f_scale=0.005)
-    assert fixed["downweighted"] == [7] and fixed["f_scale"] == 0.005
-    assert abs(fixed["L_inf"] - true["L_inf"]) < 0.004
+    fixed = laws.fit_per_size(KS, bad, loss="huber", f_scale=0.005)
+    assert fixed.downweighted == [7] and fixed.f_scale == 0.005
+    assert abs(fixed.L_inf - true["L_inf"]) < 0.004
 
 
 def test_huber_resists_outlier_cell_unified():
@@ -464,19 +462,19 @@ def test_huber_resists_outlier_cell_unified():
     cell = (N == 32.0) & (K == 8)
     bad = y.copy()
     bad[cell] += 0.05
-    ls = F.fit_unified(N, K, bad)
-    hub = F.fit_unified(N, K, bad, loss="huber")
-    assert ls["converged"] and hub["converged"] and hub["irls"]["converged"]
-    assert [32.0, 8] in hub["downweighted"]
+    ls = laws.fit_unified(N, K, bad)
+    hub = laws.fit_unified(N, K, bad, loss="huber")
+    assert ls.converged and hub.converged and hub.irls["converged"]
+    assert [32.0, 8] in hub.downweighted
     others = ~cell
-    err_ls = np.max(np.abs(F.predict_unified(ls, N, K) - truth)[others])
-    err_hub = np.max(np.abs(F.predict_unified(hub, N, K) - truth)[others])
+    err_ls = np.max(np.abs(laws.predict_unified(ls, N, K) - truth)[others])
+    err_hub = np.max(np.abs(laws.predict_unified(hub, N, K) - truth)[others])
     assert err_hub < 0.004 < err_ls
     assert err_hub < err_ls / 3
     # the floor at 32B and the tail amplitude stay close to the published law
-    floor = lambda f: f["L_star"] + f["B"] * 32.0 ** -f["beta"]  # noqa: E731
+    floor = lambda f: f.L_star + f.B * 32.0 ** -f.beta  # noqa: E731
     assert abs(floor(hub) - (p[0] + p[1] * 32.0 ** -p[2])) < 0.003
-    assert hub["A0"] == pytest.approx(p[3], rel=0.15)
+    assert hub.A0 == pytest.approx(p[3], rel=0.15)
 
 
 def test_fit_all_huber_is_recorded_and_used():
@@ -484,28 +482,28 @@ def test_fit_all_huber_is_recorded_and_used():
     losses = synthetic_losses(sizes=sizes, methods=("avg",))
     bump = (losses["size"] == "m") & (losses["k"] == 3)
     losses.loc[bump, "loss"] += 0.05  # one bad (size, k) cell in every view
-    lin = F.fit_all(losses, views=("domain:code",))
-    hub = F.fit_all(losses, views=("domain:code",), loss="huber")
-    assert hub["settings"]["loss"] == "huber" and hub["settings"]["f_scale"] is None
-    assert lin["settings"]["loss"] == "linear" and lin["settings"]["f_scale"] is None
-    assert all(f["loss"] == "huber" for f in hub["per_size"] + hub["unified"])
-    assert all(f["loss"] == "linear" and f["irls"] is None for f in lin["per_size"] + lin["unified"])
+    lin = laws.fit_all(losses, views=("domain:code",))
+    hub = laws.fit_all(losses, views=("domain:code",), loss="huber")
+    assert hub.settings["loss"] == "huber" and hub.settings["f_scale"] is None
+    assert lin.settings["loss"] == "linear" and lin.settings["f_scale"] is None
+    assert all(f.loss == "huber" for f in hub.per_size + hub.unified)
+    assert all(f.loss == "linear" and f.irls is None for f in lin.per_size + lin.unified)
     # domain:code follows the code law exactly except for the bad cell: the unified Huber fit
     # (16 points, 6 parameters) isolates it, least squares spreads it over every size
-    uh, ul = hub["unified"][0], lin["unified"][0]
-    assert [3.0, 3] in uh["downweighted"]
+    uh, ul = hub.unified[0], lin.unified[0]
+    assert [3.0, 3] in uh.downweighted
     N = np.repeat([0.5, 3.0, 14.0, 72.0], 4)
     K = np.tile(np.arange(1, 5), 4).astype(float)
     truth = law(TABLE3["code"], N, K)
     ok = ~((N == 3.0) & (K == 3))
-    e_h = np.abs(F.predict_unified(uh, N, K) - truth)[ok].max()
-    e_l = np.abs(F.predict_unified(ul, N, K) - truth)[ok].max()
+    e_h = np.abs(laws.predict_unified(uh, N, K) - truth)[ok].max()
+    e_l = np.abs(laws.predict_unified(ul, N, K) - truth)[ok].max()
     assert e_h < e_l / 5, (e_h, e_l)
     # the held-out-size check is fitted the same way
-    assert uh["holdout"]["status"] == "ok"
-    assert uh["holdout"]["max_rel_err"] < ul["holdout"]["max_rel_err"]
+    assert uh.holdout.status == "ok"
+    assert uh.holdout.max_rel_err < ul.holdout.max_rel_err
     with pytest.raises(ValueError):
-        F.fit_all(losses, loss="huber", f_scale=-1.0)
+        laws.fit_all(losses, loss="huber", f_scale=-1.0)
 
 
 # ------------------------------------------------------------------ held-out size
@@ -529,12 +527,12 @@ def test_holdout_largest_size_at_paper_sizes(domain):
     p = TABLE3[domain]
     cells = _table_from_law(p)
     g = cells.sort_values(["params", "k"])
-    full = F.fit_unified(g["params"] / 1e9, g["k"], g["mean"])
-    h = F.holdout_largest_size(cells, full_fit=full)
-    assert h["status"] == "ok" and h["converged"] and h["size"] == "72B"
-    assert h["fit_sizes"] == ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
-    assert h["n_predicted"] == 9 and h["predict_k"] == "1..9"
-    assert h["max_rel_err"] < 1e-5 and h["insample_rmse"] < 1e-7
+    full = laws.fit_unified(g["params"] / 1e9, g["k"], g["mean"])
+    h = laws.holdout_largest_size(cells, full_fit=full)
+    assert h.status == "ok" and h.converged and h.size == "72B"
+    assert h.fit_sizes == ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
+    assert h.n_predicted == 9 and h.predict_k == "1..9"
+    assert h.max_rel_err < 1e-5 and h.insample_rmse < 1e-7
     # with the paper's noise level on each mean (Table 6 variance over 15 subsets)
     a0, g6, b6 = TABLE6_VAR[domain]
     for seed in range(3):
@@ -543,22 +541,22 @@ def test_holdout_largest_size_at_paper_sizes(domain):
         sd = np.sqrt(a0 * (noisy["params"] / 1e9) ** -g6 / (noisy["k"] + b6) / 15)
         e = sd * rng.standard_normal(len(noisy))
         noisy["mean"] = noisy["mean"] + e
-        h = F.holdout_largest_size(noisy)
-        assert h["status"] == "ok" and h["mae"] <= h["rmse"] + 1e-15
+        h = laws.holdout_largest_size(noisy)
+        assert h.status == "ok" and h.mae <= h.rmse + 1e-15
         # the measured 72B means carry their own noise (2-3% of the loss at this level): the
         # prediction from six smaller, noisy sizes misses them by about that much, not more
         at72 = noisy["params"] == 72e9
         noise72 = float(np.sqrt(np.mean(e[at72] ** 2)))
-        assert h["rmse"] < 2.0 * noise72 + 1e-3, (seed, h["rmse"], noise72)
-        assert h["rmse"] < 0.05 * cells.loc[at72, "mean"].mean()
+        assert h.rmse < 2.0 * noise72 + 1e-3, (seed, h.rmse, noise72)
+        assert h.rmse < 0.05 * cells.loc[at72, "mean"].mean()
 
 
 def test_holdout_largest_size_skipped_with_three_sizes():
     cells = _table_from_law(TABLE3["code"], sizes=np.array([0.5, 1.5, 3.0]))
-    h = F.holdout_largest_size(cells)
-    assert h["status"].startswith("skipped: needs >= 4 sizes")
-    assert h["reason"] == h["status"] and not h["converged"] and np.isnan(h["mae"])
-    assert h["size"] == "3B"
+    h = laws.holdout_largest_size(cells)
+    assert h.status.startswith("skipped: needs >= 4 sizes")
+    assert h.reason == h.status and not h.converged and np.isnan(h.mae)
+    assert h.size == "3B"
 
 
 # ------------------------------------------------------------------ variance laws
@@ -569,46 +567,46 @@ def test_fit_variance_recovers_both_laws():
     k = np.arange(1, 10)
     n_sub = np.array([9, 36, 84, 126, 126, 84, 36, 9, 1])
     v = 0.004 / k
-    f = F.fit_variance(k, v, M=M, n_subsets=n_sub)
-    assert f["converged"] and f["k_fitted"] == list(range(1, 9))  # k = 9: one subset
-    assert f["C_inv_k"] == pytest.approx(0.004, rel=1e-12) and f["r2_inv_k"] == pytest.approx(1.0)
-    assert f["loglog_slope"] == pytest.approx(-1.0, abs=1e-12)
-    assert f["better"] == "inv_k" and f["r2_finite_pool"] < 0.999
+    f = laws.fit_variance(k, v, M=M, n_subsets=n_sub)
+    assert f.converged and f.k_fitted == list(range(1, 9))  # k = 9: one subset
+    assert f.C_inv_k == pytest.approx(0.004, rel=1e-12) and f.r2_inv_k == pytest.approx(1.0)
+    assert f.loglog_slope == pytest.approx(-1.0, abs=1e-12)
+    assert f.better == "inv_k" and f.r2_finite_pool < 0.999
     vf = 0.004 * (M - k) / (k * (M - 1))
-    g = F.fit_variance(k, vf, M=M, n_subsets=n_sub)
-    assert g["C_finite_pool"] == pytest.approx(0.004, rel=1e-12)
-    assert g["r2_finite_pool"] == pytest.approx(1.0) and g["better"] == "finite_pool"
-    assert g["r2_inv_k"] < 0.999
-    np.testing.assert_allclose(F.predict_variance(g, k, "finite_pool"), vf, rtol=1e-12)
-    np.testing.assert_allclose(F.predict_variance(f, [1, 2, 4], "inv_k"), [0.004, 0.002, 0.001])
-    assert F.predict_variance(g, 9, "finite_pool") == pytest.approx(0.0)
+    g = laws.fit_variance(k, vf, M=M, n_subsets=n_sub)
+    assert g.C_finite_pool == pytest.approx(0.004, rel=1e-12)
+    assert g.r2_finite_pool == pytest.approx(1.0) and g.better == "finite_pool"
+    assert g.r2_inv_k < 0.999
+    np.testing.assert_allclose(laws.predict_variance(g, k, "finite_pool"), vf, rtol=1e-12)
+    np.testing.assert_allclose(laws.predict_variance(f, [1, 2, 4], "inv_k"), [0.004, 0.002, 0.001])
+    assert laws.predict_variance(g, 9, "finite_pool") == pytest.approx(0.0)
     # noisy: unweighted least squares, C = <x, v> / <x, x>
     rng = np.random.default_rng(0)
     vn = v * (1 + 0.2 * rng.standard_normal(9))
-    h = F.fit_variance(k, vn)
+    h = laws.fit_variance(k, vn)
     x = 1.0 / k
-    assert h["C_inv_k"] == pytest.approx(x @ vn / (x @ x)) and h["M"] is None
-    assert np.isnan(h["C_finite_pool"]) and np.all(np.isnan(F.predict_variance(h, k, "finite_pool")))
+    assert h.C_inv_k == pytest.approx(x @ vn / (x @ x)) and h.M is None
+    assert np.isnan(h.C_finite_pool) and np.all(np.isnan(laws.predict_variance(h, k, "finite_pool")))
     # too few points: a reason, not an exception
-    bad = F.fit_variance([1, 9], [0.1, 0.0], M=9, n_subsets=[9, 1])
-    assert not bad["converged"] and "distinct k" in bad["reason"]
+    bad = laws.fit_variance([1, 9], [0.1, 0.0], M=9, n_subsets=[9, 1])
+    assert not bad.converged and "distinct k" in bad.reason
     with pytest.raises(ValueError):
-        F.predict_variance(f, k, "quadratic")
+        laws.predict_variance(f, k, "quadratic")
 
 
 def test_pool_sizes_and_fit_all_variance():
     losses = synthetic_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0)), methods=("avg",))
-    assert F.pool_sizes(losses) == {("s", "avg"): 4, ("m", "avg"): 4, ("l", "avg"): 4}
+    assert laws.pool_sizes(losses) == {("s", "avg"): 4, ("m", "avg"): 4, ("l", "avg"): 4}
     # per subset, domain e's loss moves by c (1[e in S] - k/M): across the k-subsets its
     # variance is c^2 p (1 - p) n/(n-1), p = k/M, n = C(M, k) subsets
-    fits = F.fit_all(losses, views=("domain:code",))
-    table = F.view_table(losses, ["domain:code"])
-    for v in fits["variance"]:
-        assert v["M"] == 4 and v["k_fitted"] == [1, 2, 3]
-        h = table[(table["size"] == v["size"]) & table["k"].between(1, 3)].sort_values("k")
+    fits = laws.fit_all(losses, views=("domain:code",))
+    table = laws.view_table(losses, ["domain:code"])
+    for v in fits.variance:
+        assert v.M == 4 and v.k_fitted == [1, 2, 3]
+        h = table[(table["size"] == v.size) & table["k"].between(1, 3)].sort_values("k")
         x = 1.0 / h["k"].to_numpy()
-        assert v["C_inv_k"] == pytest.approx(x @ h["var"].to_numpy() / (x @ x), rel=1e-9)
-    vf = F.variance_frame(fits)
+        assert v.C_inv_k == pytest.approx(x @ h["var"].to_numpy() / (x @ x), rel=1e-9)
+    vf = laws.variance_frame(fits)
     assert list(vf["size"]) == ["s", "m", "l"] and (vf["M"] == 4).all()
     assert {"C_inv_k", "r2_inv_k", "C_finite_pool", "r2_finite_pool", "loglog_slope"} <= set(vf)
 
@@ -628,47 +626,47 @@ def noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0)), seed
 def test_fit_all_unified_intervals_holdout_and_tables():
     losses = noisy_losses()
     views = ("domain:code",)
-    a = F.fit_all(losses, views=views, n_boot=15, seed=3)
-    b = F.fit_all(losses.sample(frac=1.0, random_state=2), views=views, n_boot=15, seed=3)
+    a = laws.fit_all(losses, views=views, n_boot=15, seed=3)
+    b = laws.fit_all(losses.sample(frac=1.0, random_state=2), views=views, n_boot=15, seed=3)
     assert a == b  # deterministic for a seed
-    json.dumps(a, allow_nan=False)
-    assert a["settings"]["bootstrap"]["n_boot"] == 15
-    assert len(a["unified"]) == 2
-    for u in a["unified"]:
-        assert u["converged"] and u["n_boot"] == 15 and u["boot_frac_converged"] == 1.0
-        assert set(u["ci"]) == set(F.UNIFIED_PARAMS)
-        for p in F.UNIFIED_PARAMS:
-            c = u["ci"][p]
-            assert c["lo"] <= c["median"] <= c["hi"] and 0.0 <= c["frac_at_bound"] <= 1.0
-        assert u["holdout"]["status"] == "ok" and u["holdout"]["size"] == "xl"
-        assert u["holdout"]["max_rel_err"] < 0.08  # 3 small sizes -> 72B, with noise
-    u = next(f for f in a["unified"] if f["view"] == "domain:code" and f["method"] == "avg")
+    json.dumps(a.to_dict(), allow_nan=False)
+    assert a.settings["bootstrap"]["n_boot"] == 15
+    assert len(a.unified) == 2
+    for u in a.unified:
+        assert u.converged and u.n_boot == 15 and u.boot_frac_converged == 1.0
+        assert set(u.ci) == set(laws.UNIFIED_PARAMS)
+        for p in laws.UNIFIED_PARAMS:
+            c = u.ci[p]
+            assert c.lo <= c.median <= c.hi and 0.0 <= c.frac_at_bound <= 1.0
+        assert u.holdout.status == "ok" and u.holdout.size == "xl"
+        assert u.holdout.max_rel_err < 0.08  # 3 small sizes -> 72B, with noise
+    u = next(f for f in a.unified if f.view == "domain:code" and f.method == "avg")
     p = TABLE3["code"]
-    assert u["ci"]["L_star"]["lo"] < p[0] + p[1] * 1e9 and u["ci"]["A0"]["lo"] > 0
-    t = F.unified_frame(a)
+    assert u.ci["L_star"].lo < p[0] + p[1] * 1e9 and u.ci["A0"].lo > 0
+    t = laws.unified_frame(a)
     assert len(t) == 2 and list(t.columns[:5]) == ["method", "view", "sizes", "n_sizes", "n_points"]
-    for p in F.UNIFIED_PARAMS:
+    for p in laws.UNIFIED_PARAMS:
         assert {p, f"{p}_lo", f"{p}_hi", f"{p}_frac_at_bound"} <= set(t.columns)
         assert (t[f"{p}_lo"] <= t[f"{p}_hi"]).all()
     assert (t["holdout_status"] == "ok").all() and (t["n_boot"] == 15).all()
     assert t["holdout_rmse"].notna().all() and t["holdout_insample_rmse"].notna().all()
     # without bootstrap: no intervals, the same point estimates
-    c = F.fit_all(losses, views=views)
-    assert [u["L_star"] for u in c["unified"]] == [u["L_star"] for u in a["unified"]]
-    tc = F.unified_frame(c)
+    c = laws.fit_all(losses, views=views)
+    assert [u.L_star for u in c.unified] == [u.L_star for u in a.unified]
+    tc = laws.unified_frame(c)
     assert tc["L_star_lo"].isna().all() and (tc["n_boot"] == 0).all()
 
 
 def test_fit_all_three_sizes_holdout_skipped_and_views_all():
     losses = noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0)))
-    assert F.fit_views(losses) == ["in_domain", "cross_domain", "domain:algebra", "domain:biology",
+    assert laws.fit_views(losses) == ["in_domain", "cross_domain", "domain:algebra", "domain:biology",
                                    "domain:chemistry", "domain:code"]
-    fits = F.fit_all(losses, views="cross_domain")  # one view by name
-    assert fits["settings"]["views"] == ["cross_domain"]
-    assert {u["view"] for u in fits["unified"]} == {"cross_domain"}
-    for u in fits["unified"]:
-        assert u["holdout"]["status"].startswith("skipped: needs >= 4 sizes")
-    t = F.unified_frame(fits)
+    fits = laws.fit_all(losses, views="cross_domain")  # one view by name
+    assert fits.settings["views"] == ["cross_domain"]
+    assert {u.view for u in fits.unified} == {"cross_domain"}
+    for u in fits.unified:
+        assert u.holdout.status.startswith("skipped: needs >= 4 sizes")
+    t = laws.unified_frame(fits)
     assert t["holdout_status"].str.startswith("skipped: needs >= 4 sizes").all()
 
 
@@ -703,13 +701,47 @@ def test_cli_fit_writes_tables(tmp_path):
     names = {"fits.json", "summary.csv", "unified.parquet", "unified.csv", "variance.parquet",
              "variance.csv"}
     assert {p.name for p in out.iterdir()} == names
-    fits = json.loads((out / "fits.json").read_text())
-    assert fits["settings"]["loss"] == "huber" and fits["settings"]["bootstrap"]["seed"] == 1
-    views = set(F.fit_views(losses))
-    assert {u["view"] for u in fits["unified"]} == views
+    fits = laws.load_fits(out / "fits.json")
+    # typed and back: the same bytes
+    assert laws.fits_json(fits) == (out / "fits.json").read_text()
+    assert fits.settings["loss"] == "huber" and fits.settings["bootstrap"]["seed"] == 1
+    views = set(laws.fit_views(losses))
+    assert {u.view for u in fits.unified} == views
     uni = pd.read_parquet(out / "unified.parquet")
     assert len(uni) == 2 * len(views) and (uni["n_boot"] == 4).all() and (uni["loss"] == "huber").all()
-    pd.testing.assert_frame_equal(uni, F.unified_frame(fits))
+    pd.testing.assert_frame_equal(uni, laws.unified_frame(fits))
     var = pd.read_csv(out / "variance.csv")
     assert len(var) == 2 * 3 * len(views)
     assert cli.main(["fit", str(src), "--out", str(out), "--loss", "huber", "--f-scale", "-1"]) == 2
+
+
+def test_run_fit_typed_results_round_trip(tmp_path):
+    """run_fit writes the six files; fits.json read back (load_fits) is the same typed Fits,
+    its entries are records read by attribute, and they serialise to the same bytes."""
+    losses = noisy_losses(sizes=(("s", 0.5), ("m", 3.0), ("l", 14.0), ("xl", 72.0)))
+    run = laws.run_fit(losses, tmp_path / "fits", {"n_boot": 3, "seed": 2, "weights": "k"})
+    assert run.settings == laws.FitSettings(weights="k", loss="linear", f_scale=None, n_boot=3, seed=2)
+    assert sorted(p.name for p in (tmp_path / "fits").iterdir()) == [
+        "fits.json", "summary.csv", "unified.csv", "unified.parquet", "variance.csv", "variance.parquet"]
+    back = laws.load_fits(tmp_path / "fits" / "fits.json")
+    assert back == run.fits
+    assert laws.fits_json(back) == (tmp_path / "fits" / "fits.json").read_text()
+    u = back.unified_of("cross_domain")[0]
+    assert isinstance(u, laws.UnifiedFit) and isinstance(u.holdout, laws.HoldoutCheck)
+    assert u.status == "ok" and u.holdout.status == "ok" and u.n_boot == 3 and u.level == 0.95
+    assert isinstance(u.ci["beta"], laws.Interval) and u.ci["beta"].lo <= u.ci["beta"].hi
+    p = back.per_size_of("cross_domain")[0]
+    assert isinstance(p, laws.PerSizeFit) and p.k_fitted == [1, 2, 3, 4] and p.N == p.params / 1e9
+    assert isinstance(back.variance[0], laws.VarianceFit) and back.variance[0].M == 4
+    assert "per-size" in run.report() and str(tmp_path / "fits") in run.report()
+    # without bootstrap, "level" is left out of the unified entries (as fits.json always had)
+    plain = laws.fit_all(losses, views="cross_domain")
+    assert all("level" not in u and u["ci"] is None for u in plain.to_dict()["unified"])
+    # a fit that did not run says why
+    f = laws.fit_per_size([1, 2], [0.5, 0.4])
+    assert not f.converged and f.status.startswith("failed: need >= 3 distinct k")
+    # bad settings name the config key and the flag
+    with pytest.raises(laws.FitSettingsError, match="fit.n_boot or --n-boot"):
+        laws.FitSettings.resolve({"n_boot": -1})
+    with pytest.raises(laws.FitSettingsError, match="--loss / --f-scale"):
+        laws.FitSettings.resolve(None, loss="huber", f_scale=0.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergelaws import merge as M
+from mergelaws import merging as M
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4
@@ -78,7 +78,7 @@ def _np_deltas(base, experts, name) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# Reference implementations, written independently of mergelaws.merge
+# Reference implementations, written independently of mergelaws.merging
 # --------------------------------------------------------------------------
 
 
@@ -161,7 +161,7 @@ def test_task_arithmetic_mean_and_sum(base, experts, combine):
 
 def test_task_arithmetic_sum_with_scale_over_k_equals_mean(base, experts):
     name = sorted(base)[0]
-    d = M._deltas(base, experts, name)
+    d = M.task_vectors(base, experts, name)
     a = M.merge_deltas("task_arithmetic", d, {"combine": "sum", "scale": 0.8 / K})
     b = M.merge_deltas("task_arithmetic", d, {})
     torch.testing.assert_close(a, b)
@@ -323,7 +323,7 @@ def test_tensor_seed_stable_across_processes():
     assert len({s, M.tensor_seed(4, "1-4-7", "model.embed_tokens.weight"),
                 M.tensor_seed(3, "1-4-8", "model.embed_tokens.weight"),
                 M.tensor_seed(3, "1-4-7", "lm_head.weight")}) == 4
-    code = "from mergelaws.merge import tensor_seed; print(tensor_seed(3, '1-4-7', 'model.embed_tokens.weight'))"
+    code = "from mergelaws.merging import tensor_seed; print(tensor_seed(3, '1-4-7', 'model.embed_tokens.weight'))"
     for hs in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hs, PYTHONPATH=os.pathsep.join(sys.path))
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -456,7 +456,7 @@ def test_non_float_tensors_copied_and_keys_checked(base, experts):
 
 def test_merge_deltas_output_dtype_and_shape(base, experts):
     n = max(base, key=lambda n: base[n].dim())
-    d = M._deltas(base, experts, n).to(torch.bfloat16)
+    d = M.task_vectors(base, experts, n).to(torch.bfloat16)
     for m in M.method_names():
         out = M.merge_deltas(m, d, {}, seed=1)
         assert out.dtype == torch.float32 and out.shape == base[n].shape

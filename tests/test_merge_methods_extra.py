@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergelaws import merge as M
+from mergelaws import merging as M
 
 K = 4
 SHAPES = [(48,), (24, 40), (7, 5, 3), (1,), (2,)]
@@ -230,7 +230,7 @@ def test_combine_deltas_weighted_matches_mergekit_formula(consensus, normalize):
 
 def test_combine_unweighted_is_ties_disjoint_mean():
     d = _deltas((31, 7), seed=10, discrete=True)
-    trimmed = M._trim(d, 0.4, None, None)
+    trimmed = M.trim(d, 0.4, None, None)
     a = M.combine_deltas(trimmed, consensus=True, normalize=True)
     b = M.merge_deltas("ties", d, {"density": 0.4})
     assert torch.equal(a, b)

@@ -185,7 +185,7 @@ def test_missing_path_is_a_config_error(pool, tmp_path):
 def _reference(method, params, members, subset_id, seed, cut=True):
     from safetensors.torch import load_file
 
-    from mergelaws import merge as M
+    from mergelaws import merging as M
     from mergelaws import models
 
     base = {n: p.detach().float().clone() for n, p in models.float_state(models.load_model(XS)).items()}

@@ -47,7 +47,7 @@ def test_experts_needed_exact(law):
 
 
 def test_k_epsilon_paper_worked_numbers():
-    # PAPER.md App. J.1: code (b, A0, gamma) = (0.25, 0.068, 0.115): 0.5B -> 8, 32B -> 5
+    # The paper's App. J.1: code (b, A0, gamma) = (0.25, 0.068, 0.115): 0.5B -> 8, 32B -> 5
     for N, want in ((0.5, 8), (32.0, 5)):
         A = 0.068 * N ** -0.115
         r = P.k_epsilon({"L_inf": 0.3, "A": A, "b": 0.25}, eps=0.01)
@@ -154,10 +154,10 @@ def realistic_losses(seed=0):
 
 
 def test_compare_methods_paired():
-    from mergelaws import uncertainty as U
+    from mergelaws import laws
 
     t = realistic_losses()
-    cmp = P.compare_methods(U.per_subset_values(t))
+    cmp = P.compare_methods(laws.per_subset_values(t))
     assert len(cmp) == 3 * 6
     early = cmp[cmp["k"] <= 3]
     assert (early["best"] == "task_arithmetic").all() and early["significant"].all()
@@ -167,10 +167,10 @@ def test_compare_methods_paired():
 
 
 def test_write_plan(tmp_path):
-    from mergelaws import fit
+    from mergelaws import laws
 
     t = realistic_losses()
-    fits = fit.fit_all(t, views=["cross_domain"])
+    fits = laws.fit_all(t, views=["cross_domain"])
     paths = P.write_plan(t, fits, tmp_path / "plan", n_boot=40)
     assert [p.name for p in paths] == ["plan.md", "plan.json"]
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json", "plan.md"]
@@ -199,10 +199,10 @@ def test_write_plan(tmp_path):
 
 
 def test_plan_reports_fit_choice_variance_unified_and_holdout(tmp_path):
-    from mergelaws import fit
+    from mergelaws import laws
 
     t = realistic_losses()
-    fits = fit.fit_all(t, views=["cross_domain"], loss="huber", n_boot=8)
+    fits = laws.fit_all(t, views=["cross_domain"], loss="huber", n_boot=8)
     choice = P.fit_choice(fits)
     assert choice == {"weights": "k", "loss": "huber", "f_scale": None}
     assert P.fit_choice(fits, loss="linear")["loss"] == "linear"
@@ -215,9 +215,9 @@ def test_plan_reports_fit_choice_variance_unified_and_holdout(tmp_path):
     assert plan["settings"]["loss"] == "huber" and "Huber loss" in md and "weights ∝ k" in md
     # variance laws, from the fits file, one row per (size, method)
     assert len(plan["variance"]) == 9
-    fv = {(f["size"], f["method"]): f for f in fits["variance"]}
+    fv = {(f.size, f.method): f for f in fits.variance}
     for r in plan["variance"]:
-        assert r["C_inv_k"] == pytest.approx(fv[(r["size"], r["method"])]["C_inv_k"])
+        assert r["C_inv_k"] == pytest.approx(fv[(r["size"], r["method"])].C_inv_k)
         assert r["M"] == 6
     assert "## Variance across subsets" in md and "C·(M−k)/(k·(M−1))" in md
     # the unified law with its intervals, per method
@@ -231,20 +231,20 @@ def test_plan_reports_fit_choice_variance_unified_and_holdout(tmp_path):
     p2 = json.loads((tmp_path / "plan2" / "plan.json").read_text())
     assert p2["settings"]["loss"] == "linear" and len(p2["variance"]) == 9
     assert {(r["size"], r["method"]): r["C_inv_k"] for r in p2["variance"]} == pytest.approx(
-        {k: v["C_inv_k"] for k, v in fv.items()})
+        {k: v.C_inv_k for k, v in fv.items()})
     assert all(r["n_boot"] == 0 and r["L_star_lo"] is None for r in p2["unified"])
     assert "least squares" in (tmp_path / "plan2" / "plan.md").read_text()
 
 
 def test_plan_holdout_size_with_four_sizes(tmp_path):
-    from mergelaws import fit
+    from mergelaws import laws
 
     t = realistic_losses()
     extra = t[t["size"] == "m"].copy()
     extra["size"], extra["params"] = "l", 5_600_000
     extra["loss"] = extra["loss"] - 0.35  # a fourth, larger size on the same trend
     t4 = pd.concat([t, extra], ignore_index=True)
-    fits = fit.fit_all(t4, views=["cross_domain"])
+    fits = laws.fit_all(t4, views=["cross_domain"])
     plan = P.build_plan(t4, fits, n_boot=10)
     hs = [r for r in plan["holdout"] if r["kind"] == "size_extrapolation"]
     assert len(hs) == 3 and all(r["converged"] and r["size"] == "l" for r in hs)

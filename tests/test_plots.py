@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelaws import fit as F
+from mergelaws import laws
 from mergelaws import plots as P
 from synthetic import synthetic_losses as _synthetic
 
@@ -25,7 +25,7 @@ def synthetic_losses(seed: int = 0) -> pd.DataFrame:
 def table_and_fits():
     losses = synthetic_losses()
     views = ("in_domain", "cross_domain")
-    return F.view_table(losses, views), F.fit_all(losses, views=views)
+    return laws.view_table(losses, views), laws.fit_all(losses, views=views)
 
 
 def _check_outputs(paths, outdir, stem, n_panels):
@@ -95,7 +95,7 @@ def test_plot_variance_vs_k_with_fitted_laws(tmp_path, table_and_fits):
     index = P.variance_fit_index(fits)
     assert ("average", "in_domain", "xs") in index and ("ties", "cross_domain", "m") in index
     f = index[("average", "in_domain", "xs")]
-    assert f["converged"] and f["M"] == 4 and f["C_inv_k"] > 0
+    assert f.converged and f.M == 4 and f.C_inv_k > 0
     with_fit = P.plot_variance_vs_k(table, "in_domain", tmp_path / "a" / "v", fits=fits)
     without = P.plot_variance_vs_k(table, "in_domain", tmp_path / "b" / "v")
     only_inv = P.plot_variance_vs_k(table, "in_domain", tmp_path / "c" / "v", fits=fits,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelaws import fit as F
+from mergelaws import laws
 from mergelaws import plots as P
 from synthetic import synthetic_losses as _synthetic
 
@@ -24,8 +24,8 @@ def synthetic_losses(seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def data():
     losses = synthetic_losses()
-    fits = F.fit_all(losses, views=(VIEW,))
-    return losses, F.view_table(losses, [VIEW]), fits
+    fits = laws.fit_all(losses, views=(VIEW,))
+    return losses, laws.view_table(losses, [VIEW]), fits
 
 
 NAMES = ("fig1_unified", "fig3_scatter", "fig4a_floor_tail", "fig4b_return", "fig5_methods",
@@ -84,7 +84,7 @@ def test_bad_arguments_raise(data, tmp_path):
     with pytest.raises(ValueError):
         P.plot_methods(table, VIEW, tmp_path / "x", size="huge")
     with pytest.raises(ValueError):
-        P.plot_floor_tail_vs_N({"per_size": []}, VIEW, tmp_path / "x")
+        P.plot_floor_tail_vs_N(laws.Fits(), VIEW, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
 
 

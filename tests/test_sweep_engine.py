@@ -1,8 +1,8 @@
-"""The sweep's merge engine (merge.SubsetMerger): sum reuse across subsets for average and
+"""The sweep's merge engine (merging.SubsetMerger): sum reuse across subsets for average and
 task_arithmetic, streaming from safetensors under a memory budget, and the exact O(n) selection.
 
 Real shipped models (data/bases/*) with seeded perturbed experts; results are compared with
-merge.merge_state_dicts, the direct one-merge-at-a-time path.
+merging.merge_state_dicts, the direct one-merge-at-a-time path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mergelaws import merge as M
+from mergelaws import merging as M
+from mergelaws.merging import sparsify as S
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = 2.0 ** -24
@@ -262,9 +263,9 @@ def blocks(request, monkeypatch):
     """Run the blockwise fast paths with their real sizes, and with tiny blocks and a tiny
     selection threshold so that small tensors cross many block boundaries."""
     if request.param:
-        monkeypatch.setattr(M, "_BLOCK", 97)
-        monkeypatch.setattr(M, "_SELECT_MIN", 64)
-        monkeypatch.setattr(M, "_SELECT_SAMPLE", 32)
+        monkeypatch.setattr(S, "BLOCK", 97)
+        monkeypatch.setattr(S, "SELECT_MIN", 64)
+        monkeypatch.setattr(S, "SELECT_SAMPLE", 32)
 
 
 @pytest.mark.parametrize("discrete", [False, True])
@@ -276,7 +277,7 @@ def test_fast_ties_and_breadcrumbs_bit_identical_to_reference(blocks, discrete):
         else:
             d = torch.randn((k, *shape), generator=g) * 0.01
         for density in (0.2, 0.5, 0.9):
-            assert torch.equal(M._trim(d, density, None, None), _ref_trim(d, density))
+            assert torch.equal(M.trim(d, density, None, None), _ref_trim(d, density))
             for zs in ("positive", "majority"):
                 got = M.merge_deltas("ties", d, {"density": density, "zero_sign": zs, "scale": 0.7})
                 assert torch.equal(got, _ref_ties(d, density, zs, 0.7)), (k, shape, density, zs)
@@ -436,20 +437,20 @@ def test_della_rank_order_equals_stable_argsort():
             if kind == "nan":
                 v.view(-1)[::97] = float("nan")
             rows = v.reshape(1, -1) if v.dim() < 2 else v.reshape(v.shape[0], -1)
-            assert torch.equal(M._stable_abs_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
+            assert torch.equal(S.stable_abs_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
 
 
 def test_all_finite_and_where0_are_exact():
     x = torch.randn(1000)
-    assert M._all_finite(x)
+    assert S.all_finite(x)
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
         y[500] = bad
-        assert not M._all_finite(y)
+        assert not S.all_finite(y)
     big = torch.full((10,), 3e38)  # finite entries whose sum overflows
-    assert M._all_finite(big)
+    assert S.all_finite(big)
     v = torch.tensor([1.5, -0.0, float("nan"), -2.0, float("inf"), 0.0])
     mask = torch.tensor([True, True, True, False, False, True])
     ref = torch.where(mask, v, 0.0)
-    got = M._where0(mask, v)
+    got = S.where0(mask, v)
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))

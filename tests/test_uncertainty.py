@@ -1,5 +1,6 @@
-"""Tests for mergelaws.uncertainty: bootstrap intervals (recovery of the paper's laws),
-the vectorised refit, hold-out errors and the finite-pool law."""
+"""Tests for the intervals and checks of mergelaws.laws (bootstrap, holdout, per_size):
+bootstrap intervals (recovery of the paper's laws), the vectorised refit, hold-out errors and
+the finite-pool law."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelaws import fit as F
-from mergelaws import uncertainty as U
+from mergelaws import laws
 
-# PAPER.md 3.1: Table 3 (Average) and Table 4 (TA): L*, B, beta, A0, gamma, b0
+# The paper's Table 3 (Average) and Table 4 (TA): L*, B, beta, A0, gamma, b0
 TABLE3 = {
     "algebra": (0.18092, 0.11453, 0.42335, 0.052334, 0.0086009, 0.096378),
     "analysis": (0.18784, 0.11445, 0.46899, 0.054877, 0.02738, 0.1375),
@@ -33,7 +33,7 @@ TABLE4 = {
     "number_theory": (0.23532, 0.15, 0.45207, 0.037155, 2.7958e-12, 4.9617e-11),
     "physics": (0.57646, 0.50399, 0.36559, 0.073691, 1.0052e-07, 5.0247e-15),
 }
-# PAPER.md 3.3: variance across subsets, Var = a0 N^-gamma / (k + b0) (V*, B^var ~ 0):
+# App. H.2: variance across subsets, Var = a0 N^-gamma / (k + b0) (V*, B^var ~ 0):
 # Table 6 (Average) and Table 8 (TA): a0, gamma, b0
 TABLE6 = {
     "algebra": (0.00159, 0.0178, 1.89e-11), "discrete": (0.00254, 0.00496, 2.29e-19),
@@ -49,7 +49,7 @@ TABLE8 = {
     "chemistry": (0.0266, 0.112, 1.88e-11), "physics": (0.0169, 0.0995, 1.70e-28),
     "biology": (0.0372, 0.137, 4.71e-12),
 }
-# PAPER.md 3.1 Table 5 (TIES; lambda not stated) and 3.3 Table 10 (TIES variance: a0, gamma, b0)
+# The paper's Table 5 (TIES; lambda not stated) and App. H.2 Table 10 (TIES variance: a0, gamma, b0)
 TABLE5 = {
     "algebra": (0.18929, 0.10752, 0.46554, 0.035371, 0.011425, 0.19757),
     "analysis": (0.19237, 0.10912, 0.50434, 0.050902, 0.016536, 0.58856),
@@ -68,7 +68,7 @@ TABLE10 = {
     "chemistry": (0.0241, 0.00132, 0.446), "physics": (0.0137, 0.00363, 0.164),
     "biology": (0.0344, 0.0366, 0.397),
 }
-# the variance fits' B^var N^-beta^var term, where it is not ~0 (PAPER.md 3.3: TA and TIES code)
+# the variance fits' B^var N^-beta^var term, where it is not ~0 (App. H.2: TA and TIES code)
 VAR_FLOOR = {("task_arithmetic", "code"): (2.30e-05, 3.0), ("ties", "code"): (1.76e-05, 3.0)}
 #: method -> (mean-law table, variance-law table)
 METHOD_TABLES = {"average": (TABLE3, TABLE6), "task_arithmetic": (TABLE4, TABLE8),
@@ -116,7 +116,7 @@ def synth():
 def recovery(synth, n_boot=200):
     rows = []
     for d in TABLE3:
-        b = U.bootstrap_per_size(synth, view=f"domain:{d}", n_boot=n_boot, seed=1)
+        b = laws.bootstrap_per_size(synth, view=f"domain:{d}", n_boot=n_boot, seed=1)
         for _, r in b[b["parameter"].isin(["L_inf", "A"])].iterrows():
             Ls, B, beta, A0, gamma, _b0 = METHOD_TABLES[r["method"]][0][d]
             N = r["params"] / 1e9
@@ -172,13 +172,13 @@ def test_batch_fit_matches_fit_per_size():
     k = np.arange(1, 10, dtype=float)
     Y = 3.4 + 0.3 / (k + 0.7) + rng.normal(0, 0.01, (40, 9)) / np.sqrt(k)
     for w in ("k", "none"):
-        batch = U.fit_per_size_batch(k, Y, weights=w)
+        batch = laws.fit_per_size_batch(k, Y, weights=w)
         for r in range(0, 40, 3):
-            f = F.fit_per_size(k, Y[r], weights=w)
-            assert batch.loc[r, "L_inf"] == pytest.approx(f["L_inf"], abs=1e-6)
-            assert batch.loc[r, "A"] == pytest.approx(f["A"], rel=1e-5, abs=1e-7)
-            assert batch.loc[r, "b"] == pytest.approx(f["b"], abs=1e-5)
-    exact = U.fit_per_size_batch(k, (0.5 + 0.2 / (k + 0.3))[None, :])
+            f = laws.fit_per_size(k, Y[r], weights=w)
+            assert batch.loc[r, "L_inf"] == pytest.approx(f.L_inf, abs=1e-6)
+            assert batch.loc[r, "A"] == pytest.approx(f.A, rel=1e-5, abs=1e-7)
+            assert batch.loc[r, "b"] == pytest.approx(f.b, abs=1e-5)
+    exact = laws.fit_per_size_batch(k, (0.5 + 0.2 / (k + 0.3))[None, :])
     assert exact.loc[0, "b"] == pytest.approx(0.3, abs=1e-7)
 
 
@@ -188,21 +188,21 @@ def test_batch_huber_matches_fit_per_size():
     Y = 3.4 + 0.3 / (k + 0.7) + rng.normal(0, 0.01, (30, 9)) / np.sqrt(k)
     Y[::3, 5] += 0.08  # every third replicate has an outlier at k = 6
     for f_scale in (None, 0.01):
-        batch = U.fit_per_size_batch(k, Y, loss="huber", f_scale=f_scale)
-        plain = U.fit_per_size_batch(k, Y)
+        batch = laws.fit_per_size_batch(k, Y, loss="huber", f_scale=f_scale)
+        plain = laws.fit_per_size_batch(k, Y)
         assert batch["converged"].all()
         for r in range(0, 30, 2):
-            f = F.fit_per_size(k, Y[r], loss="huber", f_scale=f_scale)
-            assert batch.loc[r, "L_inf"] == pytest.approx(f["L_inf"], abs=1e-5)
-            assert batch.loc[r, "A"] == pytest.approx(f["A"], rel=1e-3, abs=1e-5)
-            assert batch.loc[r, "b"] == pytest.approx(f["b"], abs=1e-3)
+            f = laws.fit_per_size(k, Y[r], loss="huber", f_scale=f_scale)
+            assert batch.loc[r, "L_inf"] == pytest.approx(f.L_inf, abs=1e-5)
+            assert batch.loc[r, "A"] == pytest.approx(f.A, rel=1e-3, abs=1e-5)
+            assert batch.loc[r, "b"] == pytest.approx(f.b, abs=1e-3)
         # the outlier replicates: Huber stays near the truth, least squares does not
         out = np.arange(0, 30, 3)
         e_hub = np.abs(batch.loc[out, "L_inf"] - 3.4)
         e_ls = np.abs(plain.loc[out, "L_inf"] - 3.4)
         assert e_hub.max() < 0.04 < e_ls.max() and e_hub.mean() < e_ls.mean() / 3, (e_hub, e_ls)
     with pytest.raises(ValueError):
-        U.fit_per_size_batch(k, Y, loss="huber", f_scale=0.0)
+        laws.fit_per_size_batch(k, Y, loss="huber", f_scale=0.0)
 
 
 def small_table(seed=0):
@@ -224,27 +224,27 @@ def small_table(seed=0):
 
 def test_bootstrap_deterministic_and_shaped():
     t = small_table()
-    a = U.bootstrap_per_size(t, n_boot=50, seed=7)
-    b = U.bootstrap_per_size(t, n_boot=50, seed=7)
-    c = U.bootstrap_per_size(t, n_boot=50, seed=8)
+    a = laws.bootstrap_per_size(t, n_boot=50, seed=7)
+    b = laws.bootstrap_per_size(t, n_boot=50, seed=7)
+    c = laws.bootstrap_per_size(t, n_boot=50, seed=8)
     pd.testing.assert_frame_equal(a, b)
     assert not a["lo"].equals(c["lo"])
     assert len(a) == 2 * 2 * 3 and set(a["parameter"]) == {"L_inf", "A", "b"}
     assert ((a["lo"] <= a["estimate"] + 1e-9) | (a["parameter"] == "b")).all()
     # the point estimate is the fit_all per-size fit
-    fits = F.fit_all(t, views=["cross_domain"])
-    f = next(x for x in fits["per_size"] if x["size"] == "a" and x["method"] == "average")
+    fits = laws.fit_all(t, views=["cross_domain"])
+    f = next(x for x in fits.per_size if x.size == "a" and x.method == "average")
     est = a[(a["size"] == "a") & (a["method"] == "average")].set_index("parameter")["estimate"]
-    assert est["L_inf"] == pytest.approx(f["L_inf"], abs=1e-7)
+    assert est["L_inf"] == pytest.approx(f.L_inf, abs=1e-7)
     # one cell's draws do not depend on the other cells
-    one = U.bootstrap_per_size(t[t["size"] == "a"], n_boot=50, seed=7)
+    one = laws.bootstrap_per_size(t[t["size"] == "a"], n_boot=50, seed=7)
     pd.testing.assert_frame_equal(one.reset_index(drop=True),
                                   a[a["size"] == "a"].reset_index(drop=True))
 
 
 def test_holdout_errors():
     t = small_table()
-    h = U.holdout_errors(t)
+    h = laws.holdout_errors(t)
     ke = h[h["kind"] == "k_extrapolation"]
     assert len(ke) == 4 and ke["converged"].all()
     assert (ke["predict_k"] == "5..6").all() and (ke["mae"] < 0.05).all()
@@ -262,9 +262,9 @@ def unified_recovery(losses: pd.DataFrame, n_boot: int = 60, seed: int = 1) -> p
     contains the published value (to 1e-6, for values such as gamma = 1e-11 at a bound)."""
     rows = []
     for d in TABLE3:
-        b = U.bootstrap_unified(losses, view=f"domain:{d}", n_boot=n_boot, seed=seed)
+        b = laws.bootstrap_unified(losses, view=f"domain:{d}", n_boot=n_boot, seed=seed)
         for _, r in b.iterrows():
-            true = dict(zip(F.UNIFIED_PARAMS, METHOD_TABLES[r["method"]][0][d]))[r["parameter"]]
+            true = dict(zip(laws.UNIFIED_PARAMS, METHOD_TABLES[r["method"]][0][d]))[r["parameter"]]
             rows.append({"domain": d, "method": r["method"], "parameter": r["parameter"],
                          "true": true, "estimate": r["estimate"], "lo": r["lo"], "hi": r["hi"],
                          "frac_converged": r["frac_converged"], "converged": r["converged"]})
@@ -310,25 +310,25 @@ def test_unified_bootstrap_recovers_paper_laws():
 def test_bootstrap_unified_matches_fit_all_and_is_deterministic():
     t = synth_losses(n_subsets=6, seed=3, methods=("average", "ties"))
     t = t[t["size"].isin(["0.5B", "3B", "14B", "72B"]) & t["eval_domain"].isin(["code", "algebra"])]
-    a = U.bootstrap_unified(t, view="domain:code", n_boot=12, seed=2)
-    b = U.bootstrap_unified(t.sample(frac=1.0, random_state=0), view="domain:code", n_boot=12, seed=2)
+    a = laws.bootstrap_unified(t, view="domain:code", n_boot=12, seed=2)
+    b = laws.bootstrap_unified(t.sample(frac=1.0, random_state=0), view="domain:code", n_boot=12, seed=2)
     pd.testing.assert_frame_equal(a, b)
-    c = U.bootstrap_unified(t, view="domain:code", n_boot=12, seed=5)
+    c = laws.bootstrap_unified(t, view="domain:code", n_boot=12, seed=5)
     assert not np.allclose(a["lo"], c["lo"])
     assert len(a) == 2 * 6 and (a["lo"] <= a["hi"]).all() and (a["frac_converged"] == 1).all()
-    fits = F.fit_all(t, views=("domain:code",), n_boot=12, seed=2)
-    for u in fits["unified"]:
-        got = a[a["method"] == u["method"]].set_index("parameter")
-        for p in F.UNIFIED_PARAMS:
-            assert got.loc[p, "estimate"] == pytest.approx(u[p], rel=1e-12, abs=1e-300)
-            assert got.loc[p, "lo"] == pytest.approx(u["ci"][p]["lo"], rel=1e-12, abs=1e-300)
-            assert got.loc[p, "hi"] == pytest.approx(u["ci"][p]["hi"], rel=1e-12, abs=1e-300)
+    fits = laws.fit_all(t, views=("domain:code",), n_boot=12, seed=2)
+    for u in fits.unified:
+        got = a[a["method"] == u.method].set_index("parameter")
+        for p in laws.UNIFIED_PARAMS:
+            assert got.loc[p, "estimate"] == pytest.approx(getattr(u, p), rel=1e-12, abs=1e-300)
+            assert got.loc[p, "lo"] == pytest.approx(u.ci[p].lo, rel=1e-12, abs=1e-300)
+            assert got.loc[p, "hi"] == pytest.approx(u.ci[p].hi, rel=1e-12, abs=1e-300)
     # one method's draws do not depend on the other method being in the table
-    one = U.bootstrap_unified(t[t["method"] == "ties"], view="domain:code", n_boot=12, seed=2)
+    one = laws.bootstrap_unified(t[t["method"] == "ties"], view="domain:code", n_boot=12, seed=2)
     pd.testing.assert_frame_equal(one.reset_index(drop=True),
                                   a[a["method"] == "ties"].reset_index(drop=True))
     # a point fit that did not converge gives no draws
-    assert U.unified_draws(t, {"converged": False}, n_boot=3).empty
+    assert laws.unified_draws(t, laws.UnifiedFit(converged=False), n_boot=3).empty
 
 
 def test_holdout_size_extrapolation_with_four_sizes():
@@ -340,7 +340,7 @@ def test_holdout_size_extrapolation_with_four_sizes():
             rows.append((f"{N}B", int(N * 1e9), "average", k, f"s{k}", "", "code", False, y, 1))
     t = pd.DataFrame(rows, columns=["size", "params", "method", "k", "subset", "members",
                                     "eval_domain", "in_domain", "loss", "tokens"])
-    h = U.holdout_errors(t)
+    h = laws.holdout_errors(t)
     se = h[h["kind"] == "size_extrapolation"].iloc[0]
     assert se["converged"] and se["size"] == "7.0B" and se["reason"] is None
     assert se["max_rel_err"] < 0.01 and se["rmse"] < 1e-3 and se["insample_rmse"] < 1e-6
@@ -348,8 +348,8 @@ def test_holdout_size_extrapolation_with_four_sizes():
     # Huber both report it as a prediction error there
     t2 = t.copy()
     t2.loc[(t2["size"] == "1.5B") & (t2["k"] == 4), "loss"] += 0.05  # bad cell in the fitted part
-    lin = U.holdout_errors(t2)
-    hub = U.holdout_errors(t2, loss="huber")
+    lin = laws.holdout_errors(t2)
+    hub = laws.holdout_errors(t2, loss="huber")
     e_lin = lin[lin["kind"] == "size_extrapolation"].iloc[0]["max_rel_err"]
     e_hub = hub[hub["kind"] == "size_extrapolation"].iloc[0]["max_rel_err"]
     assert e_hub < 0.01 < e_lin
@@ -359,24 +359,24 @@ def test_finite_pool_fit():
     M = 9
     k = np.arange(1, M + 1, dtype=float)
     y = 2.0 + 0.4 * (M - k) / ((M - 1) * (k + 0.5))
-    r = U.finite_pool_fit(k, y, M)
-    fp = r["finite_pool"]
-    assert fp["converged"] and fp["L_inf"] == pytest.approx(2.0, abs=1e-7)
-    assert fp["A"] == pytest.approx(0.4, rel=1e-5) and fp["b"] == pytest.approx(0.5, abs=1e-4)
-    assert fp["rmse"] < 1e-8 and r["plain"]["rmse"] < 1e-8 and r["better"] == "tie"
-    assert r["plain"]["L_inf"] < 2.0  # the plain law's "floor" sits below the full-pool merge
+    r = laws.finite_pool_fit(k, y, M)
+    fp = r.finite_pool
+    assert fp.converged and fp.L_inf == pytest.approx(2.0, abs=1e-7)
+    assert fp.A == pytest.approx(0.4, rel=1e-5) and fp.b == pytest.approx(0.5, abs=1e-4)
+    assert fp.rmse < 1e-8 and r.plain.rmse < 1e-8 and r.better == "tie"
+    assert r.plain.L_inf < 2.0  # the plain law's "floor" sits below the full-pool merge
     # the same curves: A (M-k)/((M-1)(k+b)) = [A (M+b)/(M-1)]/(k+b) - A/(M-1)
-    assert r["plain"]["L_inf"] == pytest.approx(2.0 - 0.4 / (M - 1), abs=1e-6)
-    assert r["plain"]["A"] == pytest.approx(0.4 * (M + 0.5) / (M - 1), rel=1e-5)
+    assert r.plain.L_inf == pytest.approx(2.0 - 0.4 / (M - 1), abs=1e-6)
+    assert r.plain.A == pytest.approx(0.4 * (M + 0.5) / (M - 1), rel=1e-5)
     # with b = 0 the two laws are the same family: A(M-k)/((M-1)k) = A M/(M-1)/k - A/(M-1)
     y0 = 2.0 + 0.4 * (M - k) / ((M - 1) * k)
-    r0 = U.finite_pool_fit(k, y0, M)
-    assert r0["plain"]["L_inf"] == pytest.approx(2.0 - 0.4 / (M - 1), abs=1e-6)
-    assert r0["plain"]["A"] == pytest.approx(0.4 * M / (M - 1), rel=1e-5)
-    assert abs(r0["delta_r2"]) < 1e-9
+    r0 = laws.finite_pool_fit(k, y0, M)
+    assert r0.plain.L_inf == pytest.approx(2.0 - 0.4 / (M - 1), abs=1e-6)
+    assert r0.plain.A == pytest.approx(0.4 * M / (M - 1), rel=1e-5)
+    assert abs(r0.delta_r2) < 1e-9
 
 
-if __name__ == "__main__":  # python tests/test_uncertainty.py: print the recovery figures
+if __name__ == "__main__":  # run this file with python to print the recovery figures
     import sys
 
     n_boot = int(sys.argv[1]) if len(sys.argv) > 1 else 60

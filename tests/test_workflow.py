@@ -130,3 +130,41 @@ def test_rerun_is_noop_and_deleting_an_expert_reruns_only_dependents(run):
     assert counts.get("train") == 1
     assert counts.get("sweep") == 2  # the two methods of size xs only
     assert counts.get("pretrain") is None and counts.get("tokenizer") is None
+
+
+def test_snakemake_killed_mid_sweep_unlocks_and_resumes_to_the_same_table(run, tmp_path):
+    """SIGKILL Snakemake itself (and its jobs) while a sweep is half done: the next run refuses
+    the stale lock; `snakemake --unlock` then the same command finishes, the sweep resuming from
+    its saved chunks, and the table equals the uninterrupted run's (README: "Resuming")."""
+    import os
+    import signal
+    import time
+
+    root, _, _, full_cfg = run
+    work = tmp_path
+    cfg = {**full_cfg, "results": str(work / "results"), "bases": {"xs": full_cfg["bases"]["xs"]},
+           "methods": {"average": {}}, "sweep": {**full_cfg["sweep"], "chunk": 1}}
+    cfgfile = work / "kill.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(work),
+           "--configfile", str(cfgfile), "--cores", "2"]
+    partial = work / "results" / "sweeps" / "xs" / "average" / ".1of1.parquet.partial"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and len(list(partial.glob("chunk-*"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the workflow ended before the sweep could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / "results" / "losses.parquet").exists()
+    locked = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert locked.returncode != 0 and "unlock" in (locked.stdout + locked.stderr)
+    assert subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=600).returncode == 0
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    log = (work / "results" / "logs" / "sweep" / "xs" / "average" / "1of1.log").read_text()
+    assert "resuming" in log
+    got = pd.read_parquet(work / "results" / "losses.parquet")
+    ref = pd.read_parquet(run[1] / "results" / "losses.parquet")
+    ref = ref[(ref["size"] == "xs") & (ref["method"] == "average")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), ref, check_exact=True)

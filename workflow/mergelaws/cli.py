@@ -91,72 +91,30 @@ def cmd_aggregate(args) -> None:
 
 
 def cmd_fit(args) -> None:
-    import pandas as pd
-
-    from mergelaws import fit, io
-    from mergelaws.config import ConfigError
+    from mergelaws import io
+    from mergelaws.errors import ConfigError
+    from mergelaws.laws import FitSettingsError, run_fit
 
     cfg = _cfg(args, resolve_methods=False) if args.config else None
-    fcfg = cfg["fit"] if cfg else {}
-    losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
-    weights = args.weights or fcfg.get("weights", "k")
-    loss = args.loss or fcfg.get("loss", "linear")
-    f_scale = args.f_scale if args.f_scale is not None else fcfg.get("f_scale")
-    n_boot = args.n_boot if args.n_boot is not None else fcfg.get("n_boot", 200)
-    seed = args.seed if args.seed is not None else fcfg.get("seed", 0)
+    losses = io.read_table(args.losses)
     try:
-        fit.check_loss(loss, f_scale)
-    except ValueError as exc:
-        raise ConfigError(f"fit: {exc} (set fit.loss / fit.f_scale or --loss / --f-scale)") from exc
-    if n_boot < 0:
-        raise ConfigError(f"fit: n_boot = {n_boot} must be >= 0 (set fit.n_boot or --n-boot)")
-    fits = fit.fit_all(losses, views="all", weights=weights, loss=loss, f_scale=f_scale,
-                       n_boot=n_boot, seed=seed)
-    out = Path(args.out)
-    io.write_text(out / "fits.json", json.dumps(fits, indent=2, sort_keys=True, default=float) + "\n")
-    summary = fit.summary_frame(fits)
-    with io.atomic_path(out / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
-    tables = {"unified": fit.unified_frame(fits), "variance": fit.variance_frame(fits)}
-    for name, frame in tables.items():
-        with io.atomic_path(out / f"{name}.parquet") as tmp:
-            frame.to_parquet(tmp, index=False)
-        with io.atomic_path(out / f"{name}.csv") as tmp:
-            frame.to_csv(tmp, index=False)
-    print(summary[summary["view"].isin(["in_domain", "cross_domain"])].to_string(index=False))
-    uni = tables["unified"]
-    uni = uni[uni["view"].isin(["in_domain", "cross_domain"])]
-
-    def cell(r, p):
-        lo, hi = r[f"{p}_lo"], r[f"{p}_hi"]
-        return f"{r[p]:.4g}" if pd.isna(lo) else f"{r[p]:.4g} [{lo:.3g}, {hi:.3g}]"
-
-    brief = pd.DataFrame({"method": uni["method"], "view": uni["view"],
-                          **{p: [cell(r, p) for _, r in uni.iterrows()] for p in fit.UNIFIED_PARAMS},
-                          "r2": uni["r2"].round(4), "at_bound": uni["at_bound"],
-                          "held-out size": uni["holdout_status"]})
-    print(f"\nunified law ({loss} loss, weights {weights}; [95%] from {n_boot} bootstrap replicates):")
-    print(brief.to_string(index=False))
-    var = tables["variance"]
-    print("\nvariance across subsets, Var = C/k and C(M-k)/(k(M-1)):")
-    print(var.loc[var["view"].isin(["in_domain", "cross_domain"]),
-                  ["size", "method", "view", "M", "C_inv_k", "r2_inv_k", "C_finite_pool",
-                   "r2_finite_pool", "loglog_slope"]].to_string(index=False))
-    print(f"\n{len(fits['per_size'])} per-size, {len(fits['unified'])} unified and "
-          f"{len(fits['variance'])} variance fits -> {out}")
+        run = run_fit(losses, args.out, cfg["fit"] if cfg else None, weights=args.weights, loss=args.loss,
+                      f_scale=args.f_scale, n_boot=args.n_boot, seed=args.seed)
+    except FitSettingsError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(run.report())
 
 
 def cmd_figures(args) -> None:
-    import pandas as pd
-
-    from mergelaws import fit, plots
+    from mergelaws import io, plots
+    from mergelaws.laws import Fits, view_table
 
     cfg = _cfg(args, resolve_methods=False)
-    losses = pd.read_parquet(args.losses)
-    fits = json.loads(Path(args.fits).read_text())
+    losses = io.read_table(args.losses)
+    fits = Fits.from_dict(io.read_json(args.fits))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = fit.view_table(losses)
+    table = view_table(losses)
     made = []
     for view in ("in_domain", "cross_domain"):
         made += plots.plot_loss_vs_k(table, fits, view, out / f"loss_vs_k_{view}")
@@ -167,12 +125,11 @@ def cmd_figures(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    import pandas as pd
+    from mergelaws import io, plan
+    from mergelaws.laws import Fits
 
-    from mergelaws import plan
-
-    losses = pd.read_parquet(args.losses) if str(args.losses).endswith(".parquet") else pd.read_csv(args.losses)
-    fits = json.loads(Path(args.fits).read_text()) if args.fits else None
+    losses = io.read_table(args.losses)
+    fits = Fits.from_dict(io.read_json(args.fits)) if args.fits else None
     view = args.view or (_cfg(args, resolve_methods=False)["fit"]["view"] if args.config else "cross_domain")
     for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps,
                              view=view, n_boot=args.n_boot, seed=args.seed):

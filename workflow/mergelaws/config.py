@@ -26,12 +26,12 @@ def schema_path() -> Path:
     return Path(str(resources.files("mergelaws.schemas").joinpath(SCHEMA_FILE)))
 
 
-METHOD_DEFS_HEADER = "  # Method parameters: must equal mergelaws.merge.params_json_schema(<name>)"
+METHOD_DEFS_HEADER = "  # Method parameters: must equal mergelaws.merging.params_json_schema(<name>)"
 
 
 def regenerate_method_defs() -> Path:
     """Rewrite the schema's method_* definitions from the merge registry (`mergelaws schema`)."""
-    from mergelaws import merge
+    from mergelaws import merging as merge
 
     path = schema_path()
     text = path.read_text()
@@ -132,7 +132,7 @@ def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
     _check_own_experts(cfg)
     if not resolve_methods:  # fit, figures, plan: method names only, no torch (envs/fit.yaml)
         return
-    from mergelaws import merge
+    from mergelaws import merging as merge
 
     for name, params in cfg["methods"].items():
         try:

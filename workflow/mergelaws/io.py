@@ -67,7 +67,7 @@ def _fault_point(path: Path) -> None:
 # ---- reading tables the commands take as input -------------------------------------------------
 
 #: The columns every losses table has (``mergelaws fit``/``plan``/``figures`` read them).
-LOSSES_COLUMNS = ("size", "params", "method", "k", "subset", "eval_domain", "in_domain", "loss")
+LOSSES_COLUMNS = ("size", "params", "method", "k", "subset", "eval_domain", "loss")
 
 
 def _check_input_file(path: Path, what: str, fix: str) -> None:

@@ -1,6 +1,6 @@
-"""`mergelaws merge CONFIG.yml OUT_DIR`: the command line of mergelaws.mergeyaml.
+"""`mergelaws merge CONFIG.yml OUT_DIR`: the command line of mergelaws.merging.mergekit.
 
-Kept apart from mergeyaml (which needs torch) so that `mergelaws --help` and the torch-free
+Kept apart from mergelaws.merging (which needs torch) so that `mergelaws --help` and the torch-free
 commands (fit, figures, plan; envs/fit.yaml) start without importing torch.
 """
 
@@ -10,9 +10,9 @@ from mergelaws.evalcli import add_run_args
 
 
 def cmd_merge(args) -> None:
-    from mergelaws import mergeyaml
+    from mergelaws.merging import mergekit
 
-    mergeyaml.cmd_merge(args)
+    mergekit.cmd_merge(args)
 
 
 def add_parser(subparsers):

@@ -1,5 +1,5 @@
-"""Planning from the fitted merging laws (issue #5; PAPER.md section 1, "Derived planning
-quantities").
+"""Planning from the fitted merging laws (arXiv 2509.24244: the planning quantities derived from
+its Eqs. 3-4, App. J).
 
 Pure functions on one per-size law ``{"L_inf", "A", "b"}`` (L(k) = L_inf + A/(k+b)):
 
@@ -14,8 +14,8 @@ Pure functions on one per-size law ``{"L_inf", "A", "b"}`` (L(k) = L_inf + A/(k+
 * ``unified_rows`` / ``variance_rows``: the unified law (with intervals) and the variance
   laws of the plan's view, from the fits file (or fitted here).
 
-The plan fits with the weights and loss (least squares or Huber) of the fits file
-(``fit_choice``) and says which.
+The fits file is read as typed ``laws.Fits`` (``laws.load_fits``); the plan fits with its
+weights and loss (least squares or Huber) (``fit_choice``) and says which.
 
 ``write_plan`` runs all of them on a losses table and writes ``plan.md`` and ``plan.json``.
 """
@@ -31,9 +31,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mergelaws import fit as F
 from mergelaws import io
-from mergelaws import uncertainty as U
+from mergelaws.laws import (
+    DEFAULT_B_BOUNDS,
+    HUBER_TUNING,
+    PARAMS,
+    UNIFIED_PARAMS,
+    Fits,
+    as_fits,
+    bootstrap_draws,
+    check_loss,
+    fit_per_size,
+    fit_unified,
+    fit_variance,
+    holdout_errors,
+    jsonable,
+    per_subset_values,
+    pool_sizes,
+    summarise_draws,
+    view_table,
+)
 
 __all__ = [
     "law_value",
@@ -101,7 +118,7 @@ def experts_needed(law: Mapping, target: float, k_max: int | None = None) -> int
 
 
 def k_epsilon(law: Mapping, eps: float = 0.01) -> dict:
-    """Experts to eps-saturation (PAPER.md App. J.1): k_eps = A/eps - b, the k at which the
+    """Experts to eps-saturation (the paper's App. J.1): k_eps = A/eps - b, the k at which the
     tail A/(k+b) above the floor falls to eps; ``k`` is it rounded up (>= 1), as the
     paper's worked numbers.  None when A <= 0 (no tail)."""
     L, A, b = _abk(law)
@@ -165,13 +182,13 @@ def k_fraction(values: Sequence[float], ks: Sequence[int] | None = None,
 
 
 def three_point_forecast(k, y, points: Sequence[int] = (1, 2, 4), M: int | None = None,
-                         b_bounds=F.DEFAULT_B_BOUNDS) -> dict:
+                         b_bounds=DEFAULT_B_BOUNDS) -> dict:
     """Fit L_inf + A/(k+b) through the measured means at ``points`` only (Sec 4.2) and
     forecast k = 1..M (M = the largest measured k).
 
     Three points and three parameters: solved exactly when a solution with b in
     ``b_bounds`` exists (closed form: b is linear in the ratio of the two differences);
-    otherwise the bounded least-squares fit of ``fit.fit_per_size`` on the three points
+    otherwise the bounded least-squares fit of ``laws.fit_per_size`` on the three points
     (``exact`` False).  Returns the law, ``exact``, the forecast and, where measured,
     errors: ``mae`` and ``max_rel_err`` over k not in ``points``, ``err_at_M`` (signed).
     """
@@ -200,11 +217,11 @@ def three_point_forecast(k, y, points: Sequence[int] = (1, 2, 4), M: int | None 
                 law = {"L_inf": y1 - A / (k1 + b), "A": A, "b": b}
                 out["exact"] = True
     if law is None:
-        f = F.fit_per_size(np.array(pts, float), np.array([y1, y2, y3]), b_bounds=b_bounds)
-        if not f["converged"]:
-            out["reason"] = f["reason"]
+        f = fit_per_size(np.array(pts, float), np.array([y1, y2, y3]), b_bounds=b_bounds)
+        if not f.converged:
+            out["reason"] = f.reason
             return out
-        law = {"L_inf": f["L_inf"], "A": f["A"], "b": f["b"]}
+        law = {"L_inf": f.L_inf, "A": f.A, "b": f.b}
         out["reason"] = "no exact solution with b in bounds: bounded least squares"
     out.update({key: float(v) for key, v in law.items()})
     ks = np.arange(1, M + 1)
@@ -310,7 +327,7 @@ def compare_methods(values: pd.DataFrame, n_se: float = 2.0) -> pd.DataFrame:
     """Per (size, k >= 1): the method with the lowest mean view value and whether its lead
     over the runner-up exceeds the noise.
 
-    ``values``: per-subset values (``uncertainty.per_subset_values``).  The difference
+    ``values``: per-subset values (``laws.per_subset_values``).  The difference
     runner-up - best is paired over the subsets both methods share (the default grid merges
     the same subsets with every method); without shared subsets, two-sample (Welch) SE.
     ``significant``: diff - n_se * se > 0; with one subset (k = M) there is no SE and
@@ -364,11 +381,11 @@ def auto_targets(table: pd.DataFrame, laws: Mapping[tuple[str, str], Mapping],
     return out
 
 
-def _laws_from_fits(fits: Mapping | None, view: str) -> dict[tuple[str, str], dict]:
+def _laws_from_fits(fits: Fits | None, view: str) -> dict[tuple[str, str], dict]:
     laws = {}
-    for f in (fits or {}).get("per_size", []):
-        if f.get("view") == view and f.get("converged"):
-            laws[(str(f["size"]), str(f["method"]))] = {"L_inf": f["L_inf"], "A": f["A"], "b": f["b"]}
+    for f in fits.per_size_of(view) if fits else []:
+        if f.converged:
+            laws[(str(f.size), str(f.method))] = {"L_inf": f.L_inf, "A": f.A, "b": f.b}
     return laws
 
 
@@ -380,15 +397,16 @@ def _pct(v: np.ndarray, q: float):
     return None if not math.isfinite(x) else int(x)
 
 
-def fit_choice(fits: Mapping | None, weights: str | None = None, loss: str | None = None,
+def fit_choice(fits: Fits | Mapping | None, weights: str | None = None, loss: str | None = None,
                f_scale: float | None = None) -> dict:
     """The weights / loss the plan fits with: given values, else the fits file's settings,
     else the defaults (weights "k", least squares)."""
-    st = (fits or {}).get("settings", {})
+    fits = as_fits(fits)
+    st = fits.settings if fits else {}
     out = {"weights": weights or st.get("weights") or "k",
            "loss": loss or st.get("loss") or "linear",
            "f_scale": f_scale if f_scale is not None else st.get("f_scale")}
-    F.check_loss(out["loss"], out["f_scale"])
+    check_loss(out["loss"], out["f_scale"])
     return out
 
 
@@ -397,67 +415,71 @@ def _describe_fit_choice(c: Mapping) -> str:
          "sem": "weights 1/sem² on squared residuals", "none": "unweighted"}.get(c["weights"], c["weights"])
     if c["loss"] == "huber":
         t = (f"threshold {c['f_scale']:g} nats" if c.get("f_scale") is not None else
-             f"threshold {F.HUBER_TUNING} × a robust (MAD) sd of the residuals")
+             f"threshold {HUBER_TUNING} × a robust (MAD) sd of the residuals")
         return f"Huber loss (IRLS, {t}), {w}"
     return f"least squares, {w}"
 
 
-def variance_rows(table: pd.DataFrame, fits: Mapping | None, view: str,
+def variance_rows(table: pd.DataFrame, fits: Fits | Mapping | None, view: str,
                   pools: Mapping | None = None) -> list[dict]:
-    """The variance-law fits of ``view`` per (size, method): from ``fits["variance"]`` where
-    present, else fitted here (``fit.fit_variance``; M from ``pools`` or the largest k)."""
-    have = {(str(f["size"]), str(f["method"])): f for f in (fits or {}).get("variance", [])
-            if f.get("view") == view}
+    """The variance-law fits of ``view`` per (size, method): from ``fits.variance`` where
+    present, else fitted here (``laws.fit_variance``; M from ``pools`` or the largest k)."""
+    fits = as_fits(fits)
+    have = {(str(f.size), str(f.method)): f for f in (fits.variance_of(view) if fits else [])}
     rows = []
     for (params, size, method), h in table.groupby(["params", "size", "method"], sort=True):
         f = have.get((str(size), str(method)))
         if f is None:
             M = (pools or {}).get((str(size), str(method))) or int(h["k"].max())
-            f = F.fit_variance(h["k"].to_numpy(), h["var"].to_numpy(), M=M if M >= 2 else None,
-                               n_subsets=h["n_subsets"].to_numpy())
+            f = fit_variance(h["k"].to_numpy(), h["var"].to_numpy(), M=M if M >= 2 else None,
+                             n_subsets=h["n_subsets"].to_numpy())
         rows.append({"size": str(size), "method": str(method),
-                     **{k: f.get(k) for k in ("M", "C_inv_k", "r2_inv_k", "C_finite_pool",
-                                              "r2_finite_pool", "loglog_slope", "better",
-                                              "n_points", "reason")}})
+                     **{k: getattr(f, k) for k in ("M", "C_inv_k", "r2_inv_k", "C_finite_pool",
+                                                   "r2_finite_pool", "loglog_slope", "better",
+                                                   "n_points", "reason")}})
     return rows
 
 
-def unified_rows(table: pd.DataFrame, fits: Mapping | None, view: str, choice: Mapping) -> list[dict]:
+def unified_rows(table: pd.DataFrame, fits: Fits | Mapping | None, view: str,
+                 choice: Mapping) -> list[dict]:
     """The unified law of ``view`` per method, with its bootstrap intervals when the fits
     file has them (otherwise fitted here, without intervals)."""
-    have = {str(f["method"]): f for f in (fits or {}).get("unified", []) if f.get("view") == view}
+    fits = as_fits(fits)
+    have = {str(f.method): f for f in (fits.unified_of(view) if fits else [])}
     rows = []
     for method, g in table[table["k"] >= 1].groupby("method", sort=True):
         f = have.get(str(method))
         if f is None:
             g = g.sort_values(["params", "k"])
-            f = F.fit_unified(g["params"].to_numpy() / 1e9, g["k"].to_numpy(), g["mean"].to_numpy(),
-                              weights=choice["weights"], sem=g["sem"].to_numpy(),
-                              loss=choice["loss"], f_scale=choice["f_scale"])
-        ci = f.get("ci") or {}
-        row = {"method": str(method), "converged": bool(f.get("converged")), "r2": f.get("r2"),
-               "rmse": f.get("rmse"), "at_bound": list(f.get("at_bound") or []),
-               "n_boot": int(f.get("n_boot") or 0), "reason": f.get("reason")}
-        for name in F.UNIFIED_PARAMS:
-            row[name] = f.get(name)
-            row[f"{name}_lo"] = (ci.get(name) or {}).get("lo")
-            row[f"{name}_hi"] = (ci.get(name) or {}).get("hi")
+            f = fit_unified(g["params"].to_numpy() / 1e9, g["k"].to_numpy(), g["mean"].to_numpy(),
+                            weights=choice["weights"], sem=g["sem"].to_numpy(),
+                            loss=choice["loss"], f_scale=choice["f_scale"])
+        ci = f.ci or {}
+        row = {"method": str(method), "converged": bool(f.converged), "r2": f.r2,
+               "rmse": f.rmse, "at_bound": list(f.at_bound or []),
+               "n_boot": int(f.n_boot or 0), "reason": f.reason}
+        for name in UNIFIED_PARAMS:
+            iv = ci.get(name)
+            row[name] = getattr(f, name)
+            row[f"{name}_lo"] = iv.lo if iv else None
+            row[f"{name}_hi"] = iv.hi if iv else None
         rows.append(row)
     return rows
 
 
-def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, eps: float = 0.01,
+def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets=None, eps: float = 0.01,
                costs: Mapping | None = None, view: str = "cross_domain", n_boot: int = 200,
                seed: int = 0, reference_method: str | None = None, merge_fraction: float = 0.1,
                budgets: Sequence[float] | None = None, k_max: int | None = None,
                weights: str | None = None, loss: str | None = None,
                f_scale: float | None = None) -> dict:
     """Everything in the plan, as a JSON-serialisable dict (see ``write_plan``)."""
+    fits = as_fits(fits)
     choice = fit_choice(fits, weights, loss, f_scale)
-    table = F.view_table(losses, [view])
+    table = view_table(losses, [view])
     if table.empty:
         raise ValueError(f"no rows for view {view!r}")
-    values = U.per_subset_values(losses, view)
+    values = per_subset_values(losses, view)
     sizes = table[["params", "size"]].drop_duplicates().sort_values("params")
     size_order = [str(s) for s in sizes["size"]]
     params = {str(s): int(p) for p, s in zip(sizes["params"], sizes["size"])}
@@ -466,10 +488,10 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
     k_cap = M if k_max is None else int(k_max)
     ref = reference_method or ("average" if "average" in methods else methods[0])
 
-    points, draws = U.bootstrap_draws(losses, view, n_boot=n_boot, seed=seed,
-                                      weights=choice["weights"], loss=choice["loss"],
-                                      f_scale=choice["f_scale"])
-    boot = U.summarise_draws(points, draws)
+    points, draws = bootstrap_draws(losses, view, n_boot=n_boot, seed=seed,
+                                    weights=choice["weights"], loss=choice["loss"],
+                                    f_scale=choice["f_scale"])
+    boot = summarise_draws(points, draws)
     laws = _laws_from_fits(fits, view)
     source = "fits" if laws else "refit"
     for _, p in points.iterrows():  # fill in anything the fits file lacks
@@ -486,7 +508,7 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
                 continue
             bs = boot[(boot["size"] == size) & (boot["method"] == method)].set_index("parameter")
             row = {"size": size, "method": method, **{k: float(v) for k, v in law.items()}}
-            for name in U.PARAMS:
+            for name in PARAMS:
                 row[f"{name}_lo"] = float(bs.loc[name, "lo"]) if name in bs.index else None
                 row[f"{name}_hi"] = float(bs.loc[name, "hi"]) if name in bs.index else None
             row["frac_converged"] = float(bs["frac_converged"].iloc[0]) if len(bs) else None
@@ -548,9 +570,9 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
             tp_rows.append({"size": size, "method": method, **{k: v for k, v in r.items() if k != "forecast"},
                             "forecast": r.get("forecast")})
 
-    hold = U.holdout_errors(losses, view, weights=choice["weights"], loss=choice["loss"],
-                            f_scale=choice["f_scale"])
-    var_rows = variance_rows(table, fits, view, F.pool_sizes(losses))
+    hold = holdout_errors(losses, view, weights=choice["weights"], loss=choice["loss"],
+                          f_scale=choice["f_scale"])
+    var_rows = variance_rows(table, fits, view, pool_sizes(losses))
     uni_rows = unified_rows(table, fits, view, choice)
 
     # -- budget (reference method)
@@ -581,7 +603,7 @@ def build_plan(losses: pd.DataFrame, fits: Mapping | None = None, targets=None, 
         "recommendation": _recommend(cheapest, affordable, size_order, ref),
         "method_comparison": cmp.to_dict("records"),
     }
-    return F._jsonable(plan)
+    return jsonable(plan)
 
 
 def _recommend(cheapest: list, affordable: list, size_order: list, ref: str) -> list[str]:
@@ -673,7 +695,7 @@ def render_markdown(plan: Mapping) -> str:
         with_ci = any(r["n_boot"] for r in uni)
         parts.append("## Unified law L(N, k) = L* + B·N^−β + A0·N^−γ/(k+b)")
         parts.append(_table(["method", "L*", "B", "β", "A0", "γ", "b", "R²", "at a bound"], [
-            [r["method"]] + [_ci(r, name) for name in F.UNIFIED_PARAMS]
+            [r["method"]] + [_ci(r, name) for name in UNIFIED_PARAMS]
             + [_f(r["r2"], 3), ", ".join(r["at_bound"]) or "—"] if r["converged"] else
             [r["method"]] + ["—"] * 6 + ["—", r.get("reason") or "not converged"] for r in uni]))
         parts.append("N in billions of parameters; one fit per method over every size and k ≥ 1"
@@ -769,12 +791,13 @@ def render_markdown(plan: Mapping) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_plan(losses: pd.DataFrame, fits: Mapping | None, out_dir, targets=None, eps: float = 0.01,
+def write_plan(losses: pd.DataFrame, fits: Fits | Mapping | None, out_dir, targets=None, eps: float = 0.01,
                costs: Mapping | None = None, **kwargs) -> list[Path]:
     """Write ``plan.md`` and ``plan.json`` to ``out_dir`` (atomically); returns their paths.
 
-    ``fits``: the dict of ``fit.fit_all`` (per-size fits of ``view`` are used as the point
-    estimates; missing ones are refitted) or None.  ``targets``: None (per size, midway
+    ``fits``: the ``Fits`` of ``laws.fit_all`` or ``laws.load_fits`` (or a fits.json
+    mapping), whose per-size fits of ``view`` are the point estimates (missing ones are
+    refitted), or None.  ``targets``: None (per size, midway
     between the measured k = 1 mean and the fitted floor of the reference method), a number,
     a ``{size: target}`` dict or a list in size order.  ``costs``: per size, an expert cost
     or ``{"expert": .., "merge": ..}`` (default ∝ params).  Other keyword arguments go to

@@ -4,7 +4,7 @@
   one curve per base size) with the spread across subsets and the fitted law.
 * ``plot_variance_vs_k``: variance across subsets vs k (log y), with the fitted variance
   laws C/k and C (M-k)/(k (M-1)) when given the fits.
-* Paper analogues (PAPER.md section 4), drawn together by ``paper_figures``:
+* Paper analogues (the paper's figures), drawn together by ``paper_figures``:
   ``plot_unified_fit`` (Fig 1), ``plot_subset_scatter`` (Fig 3(1-2)/13),
   ``plot_floor_tail_vs_N`` (Fig 4a), ``plot_fractional_return`` (Fig 4b),
   ``plot_methods`` (Fig 5), ``plot_forecast`` (Fig 7).
@@ -12,6 +12,8 @@
 Figures are built with the object-oriented API on an Agg canvas (no pyplot, no global
 state), are readable in greyscale (each base size has its own marker and line style, and
 the viridis colours also differ in lightness), and are written as PNG (200 dpi) and PDF.
+The fits come as typed ``laws.Fits`` (``laws.fit_all``, or ``laws.load_fits`` for a
+fits.json; a fits.json mapping is read the same way).
 Every file is written atomically: a temporary file in the destination directory, then
 ``os.replace`` onto the final name.
 """
@@ -32,7 +34,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from mergelaws.fit import predict_per_size, predict_unified
+from mergelaws.laws import (
+    Fits,
+    as_fits,
+    normalise_losses,
+    predict_per_size,
+    predict_unified,
+    predict_variance,
+    subset_values,
+    view_table,
+)
 from mergelaws.io import atomic_path
 
 __all__ = ["DPI", "FORMATS", "figure_size", "paper_figures", "plot_floor_tail_vs_N", "plot_forecast",
@@ -186,16 +197,17 @@ def _suptitle(fig: Figure, text: str) -> None:
     fig.suptitle(textwrap.fill(text, width=max(30, int(width * 9.5))))
 
 
-def _fit_index(fits: dict | None, law: str) -> dict:
+def _fit_index(fits: Fits | dict | None, law: str) -> dict:
     idx: dict = {}
+    fits = as_fits(fits)
     if not fits:
         return idx
     if law == "per_size":
-        for f in fits.get("per_size", []):
-            idx[(f["method"], f["view"], str(f["size"]))] = f
+        for f in fits.per_size:
+            idx[(f.method, f.view, str(f.size))] = f
     elif law == "unified":
-        for f in fits.get("unified", []):
-            idx[(f["method"], f["view"])] = f
+        for f in fits.unified:
+            idx[(f.method, f.view)] = f
     else:
         raise ValueError("law must be 'per_size' or 'unified'")
     return idx
@@ -203,17 +215,18 @@ def _fit_index(fits: dict | None, law: str) -> dict:
 
 def plot_loss_vs_k(
     table: pd.DataFrame,
-    fits: dict | None,
+    fits: Fits | dict | None,
     view: str,
     out_stem: str | os.PathLike,
     law: str = "per_size",
 ) -> list[Path]:
     """Mean loss vs k, one panel per method (shared y), one curve per base size.
 
-    ``table``: ``fit.view_table`` output; ``fits``: ``fit.fit_all`` output (or None for no
-    fitted lines); ``law``: draw the per-size fits (default) or the unified fit.  Markers =
-    mean over merged subsets, error bars = +-1 sd across subsets, line = fitted law on a
-    fine k grid (k >= 1; the fits use k >= 1 only), hollow marker at k = 0 = base model.
+    ``table``: ``laws.view_table`` output; ``fits``: ``laws.Fits`` (``laws.fit_all`` or
+    ``laws.load_fits``; None for no fitted lines); ``law``: draw the per-size fits (default)
+    or the unified fit.  Markers = mean over merged subsets, error bars = +-1 sd across
+    subsets, line = fitted law on a fine k grid (k >= 1; the fits use k >= 1 only), hollow
+    marker at k = 0 = base model.
     Writes ``<out_stem>.png`` and ``<out_stem>.pdf``; returns their paths.
     """
     t, methods, sizes = _setup(table, view)
@@ -274,25 +287,23 @@ def plot_loss_vs_k(
         return _save(fig, out_stem)
 
 
-def variance_fit_index(fits: dict | None) -> dict:
-    """``fits["variance"]`` (``fit.fit_all``) keyed by (method, view, size)."""
-    return {(str(f["method"]), str(f["view"]), str(f["size"])): f
-            for f in (fits or {}).get("variance", [])}
+def variance_fit_index(fits: Fits | dict | None) -> dict:
+    """``fits.variance`` (``laws.VarianceFit``) keyed by (method, view, size)."""
+    fits = as_fits(fits)
+    return {(str(f.method), str(f.view), str(f.size)): f for f in (fits.variance if fits else [])}
 
 
 def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLike,
-                       fits: dict | None = None,
+                       fits: Fits | dict | None = None,
                        laws: tuple[str, ...] = ("inv_k", "finite_pool")) -> list[Path]:
     """Variance of the view's loss across merged subsets vs k (log y), one panel per method,
     one series per base size; k with fewer than 2 subsets (or zero variance) is skipped.
 
-    With ``fits`` (``fit.fit_all`` output, its ``variance`` entries), the fitted variance
+    With ``fits`` (``laws.Fits``, its ``variance`` entries), the fitted variance
     laws are drawn over the fitted k range: ``inv_k`` Var = C/k (Cor. 3.2) as a line in the
     size's style, ``finite_pool`` Var = C (M-k)/(k (M-1)) as a thin dotted line; the
     measured variances are then markers only.  Without fits, markers joined by lines.
     Writes ``<out_stem>.png`` and ``<out_stem>.pdf``; returns their paths."""
-    from mergelaws.fit import predict_variance
-
     for law in laws:
         if law not in ("inv_k", "finite_pool"):
             raise ValueError(f"unknown variance law {law!r}; use 'inv_k' or 'finite_pool'")
@@ -313,12 +324,12 @@ def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLi
                     continue
                 plotted = True
                 f = index.get((str(method), view, str(size)))
-                ok = bool(f and f.get("converged") and f.get("k_fitted"))
+                ok = bool(f and f.converged and f.k_fitted)
                 ax.plot(d["k"], d["var"], marker=st["marker"], ls="none" if ok else st["ls"],
                         color=st["color"], mec="black", mew=0.5, ms=5.5, zorder=3)
                 if not ok:
                     continue
-                k_lo, k_hi = min(f["k_fitted"]), max(f["k_fitted"])
+                k_lo, k_hi = min(f.k_fitted), max(f.k_fitted)
                 kfine = np.linspace(k_lo, k_hi, 100)
                 for law in laws:
                     y = predict_variance(f, kfine, law)
@@ -360,7 +371,7 @@ def plot_variance_vs_k(table: pd.DataFrame, view: str, out_stem: str | os.PathLi
 
 
 # --------------------------------------------------------------------------------------
-# Paper-figure analogues (PAPER.md section 4)
+# Paper-figure analogues (the paper's figures)
 # --------------------------------------------------------------------------------------
 
 _K_LABEL = "number of merged experts k"
@@ -434,11 +445,11 @@ def _panel_tag(ax, tag: str) -> None:
     ax.set_title(tag, loc="left", fontsize=10, fontweight="bold")
 
 
-def plot_unified_fit(table: pd.DataFrame, fits: dict | None, view: str,
+def plot_unified_fit(table: pd.DataFrame, fits: Fits | dict | None, view: str,
                      out_stem: str | os.PathLike) -> list[Path]:
     """Fig 1 analogue: mean loss vs k (k >= 1), one panel per method (shared y), one series
     per base size; markers = measured means over merged subsets, dotted = the unified law
-    ``L* + B N^-beta + A0 N^-gamma/(k+b)`` from ``fits["unified"]`` (one fit per method,
+    ``L* + B N^-beta + A0 N^-gamma/(k+b)`` from ``fits.unified`` (one fit per method,
     evaluated at each size's N).  Panels whose unified fit is missing or did not converge
     show the means only and say so.  Returns the [png, pdf] paths."""
     t, methods, sizes = _setup(table, view)
@@ -455,7 +466,7 @@ def plot_unified_fit(table: pd.DataFrame, fits: dict | None, view: str,
         for ax, method in zip(axes, methods):
             tm = t[t["method"] == method]
             f = index.get((method, view))
-            ok = bool(f and f.get("converged"))
+            ok = bool(f and f.converged)
             for size, params in zip(sizes["size"], sizes["params"]):
                 st = styles[size]
                 d = tm[tm["size"] == size].sort_values("k")
@@ -469,10 +480,10 @@ def plot_unified_fit(table: pd.DataFrame, fits: dict | None, view: str,
                         any_fit = True
                         ax.plot(kfine, y, ls=":", lw=1.8, color=st["color"], zorder=2)
             title = str(method)
-            if ok and f.get("r2") is not None:
-                title += f"  (unified $R^2$ = {f['r2']:.3f})"
+            if ok and f.r2 is not None:
+                title += f"  (unified $R^2$ = {f.r2:.3f})"
             elif not ok:
-                why = (f or {}).get("reason") or "it did not converge"
+                why = (f.reason if f else None) or "it did not converge"
                 import textwrap
 
                 ax.text(0.97, 0.97, "no unified fit:\n" + textwrap.fill(why, 30), transform=ax.transAxes,
@@ -500,10 +511,7 @@ def plot_subset_scatter(losses: pd.DataFrame, view: str, out_stem: str | os.Path
     points, jittered in k) and the mean over subsets per k (line), one panel per base size,
     for one merge method (default: the first in sorted order).  ``losses``: the raw long
     losses table (one row per size, method, subset, eval domain).  Returns [png, pdf]."""
-    from mergelaws import fit as F
-
-    df = F._normalise_losses(losses)
-    ps = F._per_subset(df, view)
+    ps = subset_values(normalise_losses(losses), view)
     if ps.empty:
         raise ValueError(f"no rows for view {view!r}")
     methods = sorted(ps["method"].astype(str).unique())
@@ -541,19 +549,20 @@ def plot_subset_scatter(losses: pd.DataFrame, view: str, out_stem: str | os.Path
         return _save(fig, out_stem)
 
 
-def plot_floor_tail_vs_N(fits: dict, view: str, out_stem: str | os.PathLike) -> list[Path]:
+def plot_floor_tail_vs_N(fits: Fits | dict, view: str, out_stem: str | os.PathLike) -> list[Path]:
     """Fig 4a analogue: the per-size fits' floor L_inf(N) and tail amplitude A(N) vs N
     (parameters), log-log, one line per method; dotted = the unified law's floor
     ``L* + B N^-beta`` and tail ``A0 N^-gamma`` (where converged).  Non-positive or
     unconverged estimates cannot go on log axes and are left out (counted in the panel).
     Returns [png, pdf]."""
-    rows = [f for f in (fits or {}).get("per_size", []) if f.get("view") == view]
+    fits = as_fits(fits)
+    rows = fits.per_size_of(view) if fits else []
     if not rows:
         raise ValueError(f"no per-size fits for view {view!r}")
-    methods = sorted({str(f["method"]) for f in rows})
+    methods = sorted({str(f.method) for f in rows})
     mstyles = _method_styles(methods)
     uni = _fit_index(fits, "unified")
-    allN = np.array([float(f["params"]) for f in rows])
+    allN = np.array([float(f.params) for f in rows])
     nfine = np.geomspace(allN.min() / 1.3, allN.max() * 1.3, 100)
     with matplotlib.rc_context(_RC):
         fig, axes = _grid_figure(1, 2, panel_w=4.2, panel_h=3.6)
@@ -563,23 +572,23 @@ def plot_floor_tail_vs_N(fits: dict, view: str, out_stem: str | os.PathLike) -> 
             dropped = 0
             for method in methods:
                 st = mstyles[method]
-                fm = sorted((f for f in rows if f["method"] == method), key=lambda f: f["params"])
-                pts = [(float(f["params"]), f.get(key)) for f in fm]
+                fm = sorted((f for f in rows if f.method == method), key=lambda f: f.params)
+                pts = [(float(f.params), getattr(f, key)) for f in fm]
                 good = [(n, v) for n, v in pts
                         if v is not None and np.isfinite(v) and v > 0 and
-                        next(f for f in fm if float(f["params"]) == n).get("converged")]
+                        next(f for f in fm if float(f.params) == n).converged]
                 dropped += len(pts) - len(good)
                 if good:
                     n, v = zip(*good)
                     ax.plot(n, v, marker=st["marker"], ls=st["ls"], color=st["color"], mec="black",
                             mew=0.5, ms=6, zorder=3)
                 u = uni.get((method, view))
-                if u and u.get("converged"):
+                if u and u.converged:
                     nb = nfine / 1e9
                     if ukey == "floor":
-                        y = u["L_star"] + u["B"] * nb ** (-u["beta"])
+                        y = u.L_star + u.B * nb ** (-u.beta)
                     else:
-                        y = u["A0"] * nb ** (-u["gamma"])
+                        y = u.A0 * nb ** (-u.gamma)
                     y = np.asarray(y, dtype=float)
                     if np.all(np.isfinite(y)) and np.all(y > 0):
                         any_uni = True
@@ -830,23 +839,22 @@ PAPER_FIGURES = ("fig1_unified", "fig3_scatter", "fig4a_floor_tail", "fig4b_retu
                  "fig5_methods", "fig7_forecast")
 
 
-def paper_figures(losses: pd.DataFrame, fits: dict | None, out_dir: str | os.PathLike,
+def paper_figures(losses: pd.DataFrame, fits: Fits | dict | None, out_dir: str | os.PathLike,
                   view: str = "cross_domain") -> list[Path]:
     """Draw every paper-figure analogue for ``view`` into ``out_dir`` as
     ``<name>_<view>.png/.pdf`` with ``name`` in ``PAPER_FIGURES`` (a ``domain:x`` view
-    becomes ``domain-x`` in file names).  ``fits``: ``fit.fit_all`` output; without it the
+    becomes ``domain-x`` in file names).  ``fits``: ``laws.Fits``; without it the
     figures that need fits (Fig 1 draws means only; Fig 4a is skipped).  Returns every
     path written, in ``PAPER_FIGURES`` order."""
-    from mergelaws import fit as F
-
+    fits = as_fits(fits)
     out = Path(out_dir)
     tag = view.replace(":", "-").replace("/", "-")
-    table = F.view_table(losses, [view])
+    table = view_table(losses, [view])
     stem = {n: out / f"{n}_{tag}" for n in PAPER_FIGURES}
     paths: list[Path] = []
     paths += plot_unified_fit(table, fits, view, stem["fig1_unified"])
     paths += plot_subset_scatter(losses, view, stem["fig3_scatter"])
-    if fits and any(f.get("view") == view for f in fits.get("per_size", [])):
+    if fits and fits.per_size_of(view):
         paths += plot_floor_tail_vs_N(fits, view, stem["fig4a_floor_tail"])
     paths += plot_fractional_return(table, view, stem["fig4b_return"])
     paths += plot_methods(table, view, stem["fig5_methods"])

@@ -2,9 +2,9 @@
 subset build the merged weights in memory, evaluate them on every domain, and emit one row per
 (subset, eval domain). No merged checkpoint is written.
 
-The merges come from a merge.SubsetMerger: in memory (base + every task vector, fp32) when that fits
+The merges come from a merging.SubsetMerger: in memory (base + every task vector, fp32) when that fits
 ``sweep.max_memory_gb``, else streamed tensor by tensor from the safetensors files; average and
-task_arithmetic carry a running sum from subset to subset (subsets in merge.reuse_order).
+task_arithmetic carry a running sum from subset to subset (subsets in merging.reuse_order).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from mergelaws import data as D
-from mergelaws import grid, merge, models
+from mergelaws import grid, merging, models
 from mergelaws.evaluate import evaluate_examples
 from mergelaws.io import atomic_path, write_text
 from mergelaws.progress import Progress
@@ -75,7 +75,7 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
         log(f"sweep {tag}: resuming, {len(subsets) - len(todo)} of {len(subsets)} subsets "
             f"already done (kept in {progress.dir})")
     if merger.reuses_sums:  # consecutive subsets differ in few experts: cheap running-sum steps
-        todo = [todo[i] for i in merge.reuse_order([s.members for s in todo])]
+        todo = [todo[i] for i in merging.reuse_order([s.members for s in todo])]
     prog = Progress(len(subsets), f"sweep {tag}")
     prog.update(len(subsets) - len(todo))
     chunk = cfg["sweep"]["chunk"]
@@ -173,7 +173,7 @@ def choose_merge_mode(cfg: dict, live: dict, n_experts: int, reuse: bool, device
         budget = float(limit) * 1e9
         why = f"sweep.max_memory_gb = {limit}"
     options = [("memory", reuse), ("stream", reuse)] + ([("stream", False)] if reuse else [])
-    need = {o: live_bytes + merge.merge_memory_estimate(numel, largest, n_experts, mode=o[0], reuse=o[1])["total"]
+    need = {o: live_bytes + merging.merge_memory_estimate(numel, largest, n_experts, mode=o[0], reuse=o[1])["total"]
             for o in options}
     chosen = next((o for o in options if need[o] <= budget), options[-1])
     what = {("memory", True): f"in memory (base + {n_experts} task vectors + running sum, fp32)",
@@ -189,14 +189,14 @@ def choose_merge_mode(cfg: dict, live: dict, n_experts: int, reuse: bool, device
     return chosen
 
 
-def _open(path) -> merge.SafetensorsSource | None:
+def _open(path) -> merging.SafetensorsSource | None:
     """A memory-mapped reader of a local model directory's safetensors files, else None."""
     p = Path(path)
     if not p.is_dir() or not any(p.glob("*.safetensors")):
         return None
     try:
-        return merge.SafetensorsSource(p)
-    except merge.CheckpointError as exc:
+        return merging.SafetensorsSource(p)
+    except merging.CheckpointError as exc:
         raise models.ModelError(f"model directory {p} could not be read ({exc}); its weights are truncated or "
                                 f"corrupt: copy it again or delete it so the workflow rebuilds it") from None
 
@@ -206,7 +206,7 @@ def _float_keys(src) -> set[str]:
 
 
 def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_path, expert_dirs: dict,
-                 doms: list[str], device, tag: str, log=print) -> merge.SubsetMerger:
+                 doms: list[str], device, tag: str, log=print) -> merging.SubsetMerger:
     """The sweep's SubsetMerger over the loaded base (``live``) and the experts, in memory or
     streaming as ``sweep.max_memory_gb`` allows. Experts whose safetensors hold the model's
     tensor names are checked from their config.json and safetensors headers
@@ -216,7 +216,7 @@ def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_p
     mergekit does (see mergelaws.models), logged once per expert."""
     allow_bin = cfg["allow_bin_checkpoints"]
     names = list(live)
-    mode, reuse = choose_merge_mode(cfg, live, len(doms), method in merge.SUM_METHODS, device, tag, log)
+    mode, reuse = choose_merge_mode(cfg, live, len(doms), method in merging.SUM_METHODS, device, tag, log)
     base_src = _open(base_path)
     if base_src is not None and not all(n in base_src for n in names):
         base_src = None  # stored under other names than the model's: only transformers maps them
@@ -225,12 +225,12 @@ def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_p
             f"names, which streaming needs; merging in memory instead")
         mode = "memory"
     if mode == "stream":
-        merger = merge.SubsetMerger(method, params, base_src, seed=cfg["seed"], mode="stream", device=device,
-                                    base_dtype=models.resolve_dtype(sweep_dtype(cfg, base_path)), names=names,
-                                    reuse=reuse)
+        merger = merging.SubsetMerger(method, params, base_src, seed=cfg["seed"], mode="stream", device=device,
+                                      base_dtype=models.resolve_dtype(sweep_dtype(cfg, base_path)), names=names,
+                                      reuse=reuse)
     else:
-        merger = merge.SubsetMerger(method, params, {n: p.detach() for n, p in live.items()}, seed=cfg["seed"],
-                                    mode="memory", device=device, names=names, reuse=reuse)
+        merger = merging.SubsetMerger(method, params, {n: p.detach() for n, p in live.items()}, seed=cfg["seed"],
+                                      mode="memory", device=device, names=names, reuse=reuse)
     # Every expert is checked against the base before anything is merged (models.check_compatible:
     # architecture, tied embeddings, tensor names and shapes): from its config.json and safetensors
     # headers where its files hold the model's tensor names (then read through memory maps), else

@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from mergelaws import merge as M
-from mergelaws import mergeyaml as MY
+from mergelaws import merging as M
+from mergelaws.merging import mergekit as MY
 from mergelaws import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,8 +282,8 @@ def test_streaming_merge_equals_whole_model_merge(tmp_path, experts, method, mpa
     cfg = _yaml(method, experts, mparams, params, base=method != "linear", dtype="float32")
     logs = []
     plan = MY.run_merge(_write(tmp_path, cfg), tmp_path / "stream", seed=3, log=logs.append)
-    MY._run_merge_in_memory(plan, tmp_path / "whole", seed=3, device="cpu", allow_bin=False, log=lambda *_: None,
-                            t0=0.0)
+    MY.run_merge_in_memory(plan, tmp_path / "whole", seed=3, device="cpu", allow_bin=False, log=lambda *_: None,
+                           t0=0.0)
     from safetensors.torch import load_file
 
     got, ref = load_file(tmp_path / "stream" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
@@ -315,12 +315,12 @@ def test_streaming_merge_peak_memory_is_about_one_tensor_per_input(tmp_path):
                             "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.5}} for p in paths[1:]]})
     code = f"""
 import re, torch, resource
-from mergelaws import mergeyaml
+from mergelaws.merging import mergekit
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 torch.zeros(1) + 1
 before = status("VmRSS")
-mergeyaml.run_merge({str(yml)!r}, {str(tmp_path / 'out')!r}, log=lambda *_: None)
+mergekit.run_merge({str(yml)!r}, {str(tmp_path / 'out')!r}, log=lambda *_: None)
 print(status("VmHWM") - before)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -340,8 +340,8 @@ def test_ties_keep_count_floor_option_and_default_unchanged():
         M.ties_keep_count(0.5, 10, "ceil")
     g = torch.Generator().manual_seed(0)
     d = torch.randn(2, 10, generator=g)
-    assert [int(torch.count_nonzero(r)) for r in M._trim(d, 0.35, None, None)] == [4, 4]
-    assert [int(torch.count_nonzero(r)) for r in M._trim(d, 0.35, None, None, keep_rounding="floor")] == [3, 3]
+    assert [int(torch.count_nonzero(r)) for r in M.trim(d, 0.35, None, None)] == [4, 4]
+    assert [int(torch.count_nonzero(r)) for r in M.trim(d, 0.35, None, None, keep_rounding="floor")] == [3, 3]
 
 
 def test_yaml_ties_keeps_int_density_times_numel(tmp_path, experts):
@@ -513,11 +513,11 @@ def test_cli_rejects_unsupported_value_in_one_line(tmp_path, experts, key, value
 
 
 def test_vocab_rows_for_missing_tokens_follow_mergekit_defaults():
-    """_VocabMap.gather on 4 output tokens: 0 in all models; 1 missing from expert a (base's row);
+    """VocabMap.gather on 4 output tokens: 0 in all models; 1 missing from expert a (base's row);
     2 only in expert a (its row, for everyone); 3 in both experts but not the base (their mean)."""
     t = {p: torch.arange(10 * j, 10 * j + 8, dtype=torch.float32).view(4, 2) for j, p in enumerate("bxy")}
     index = {"b": torch.tensor([0, 1, -1, -1]), "x": torch.tensor([2, -1, 0, 3]), "y": torch.tensor([0, 3, -1, 1])}
-    vm = MY._VocabMap(size=4, names=["w"], index=index, base="b", tokenizer="b")
+    vm = MY.VocabMap(size=4, names=["w"], index=index, base="b", tokenizer="b")
     deltas = torch.empty(2, 4, 2)
     b = vm.gather("w", {p: M.DictSource({"w": x}) for p, x in t.items()}, ["x", "y"], deltas)
     mean3 = (t["x"][3] + t["y"][1]) / 2
