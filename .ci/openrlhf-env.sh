@@ -8,7 +8,7 @@
 # (TORCH_EXTENSIONS_DIR is per environment: DeepSpeed rebuilds its ops whenever another install
 # shares the cache directory. The tests default to VENV_DIR/torch_extensions.)
 #
-# The `--no-deps` route (see shared OPENRLHF.md §2): a full `pip install openrlhf` needs
+# The `--no-deps` route: a full `pip install openrlhf` needs
 # flash-attn 2.8.3, which only builds against CUDA. Here: torch (CPU, pinned first), OpenRLHF
 # without its dependencies, then only what its SFT trainer imports. flash_attn is NOT installed:
 # the tests put a pure-Python stand-in (tests/openrlhf_shim) on PYTHONPATH.

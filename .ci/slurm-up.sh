@@ -4,7 +4,7 @@
 #   ACCOUNTING=slurmdbd .ci/slurm-up.sh  -> also MariaDB + slurmdbd, so `sacct` works
 #   (+~25 s apt, +~2 s start). Default: no accounting, so jobs' status must come from squeue
 #   (profiles/slurm-cpu sets slurm-status-command: squeue).
-# Recipe and traps: SLURM.md (Debian 12, Slurm 22.05, plugin 2.8). Stop with .ci/slurm-down.sh.
+# Tested with Debian 12, Slurm 22.05 and the executor plugin 2.8. Stop with .ci/slurm-down.sh.
 set -euo pipefail
 STATE=${1:-/tmp/ci-slurm}
 ACCOUNTING=${ACCOUNTING:-none}
