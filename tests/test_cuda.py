@@ -26,7 +26,6 @@ another GPU.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -248,7 +247,7 @@ def test_evaluate_examples_same_on_device(cfg, size):
 
 def test_run_eval_same_on_device(tmp_path):
     """`mergelaws eval --device`: the same record but for the loss (to 1e-5) and the time."""
-    from mergelaws.evalcli import run_eval
+    from mergelaws.evaluate import evaluate_files as run_eval
 
     files = [str(ROOT / "data" / "domains" / d / "eval.jsonl.gz") for d in ("arithmetic", "code")]
     recs = {dev: run_eval(XS, files, str(tmp_path / f"{i}.json"), max_len=96, batch_tokens=1024, max_examples=12,
@@ -330,11 +329,9 @@ def test_yaml_merge_in_memory_same_on_device(tmp_path, experts):  # noqa: F811
 
 def test_merge_cli_device_flag(tmp_path, experts):  # noqa: F811
     """`mergelaws merge CONFIG OUT --device DEVICE` against `--device cpu`, bf16 output included."""
-    from mergelaws import mergecli
+    from mergelaws.cli import build_parser
 
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    mergecli.add_parser(sub)
+    ap = build_parser()
     for method, mparams, out_dtype in (("dare_ties", [{"weight": 1.0, "density": 0.5}] * 3, "float32"),
                                        ("ties", [{"weight": 1.0, "density": 0.3}] * 3, "bfloat16")):
         path = _write(tmp_path, _yaml(method, experts, mparams, out_dtype=out_dtype), name=f"{method}.yml")

@@ -47,7 +47,7 @@ def naive_loss(model, tok, path: str, n: int, max_len: int):
 
 def test_run_eval_matches_naive_reference(tmp_path):
     from mergelaws import models
-    from mergelaws.evalcli import run_eval
+    from mergelaws.evaluate import evaluate_files as run_eval
 
     out = tmp_path / "eval.json"
     rec = run_eval(XS, FILES, str(out), max_len=MAX_LEN, batch_tokens=1024, max_examples=N, device="cpu",
@@ -65,14 +65,11 @@ def test_run_eval_matches_naive_reference(tmp_path):
 
 
 def test_eval_cli_parser_and_errors(tmp_path):
-    import argparse
-
-    from mergelaws import evalcli
+    from mergelaws.cli import build_parser
     from mergelaws.data import DataError
+    from mergelaws.evaluate import evaluate_files
 
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    evalcli.add_parser(sub)
+    ap = build_parser()
     out = tmp_path / "o.json"
     args = ap.parse_args(["eval", "--model", str(XS), "--data", FILES[0], "--data", FILES[1], "--out", str(out),
                           "--max-len", "64", "--max-examples", "3", "--device", "cpu"])
@@ -81,5 +78,5 @@ def test_eval_cli_parser_and_errors(tmp_path):
     rec = json.loads(out.read_text())
     assert list(rec["results"]) == FILES and all(r["examples"] == 3 for r in rec["results"].values())
     with pytest.raises(DataError, match="does not exist"):
-        evalcli.run_eval(XS, [str(tmp_path / "missing.jsonl")], str(tmp_path / "x.json"), device="cpu")
+        evaluate_files(XS, [str(tmp_path / "missing.jsonl")], str(tmp_path / "x.json"), device="cpu")
     assert not (tmp_path / "x.json").exists()

@@ -8,7 +8,6 @@ venv); it skips otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import importlib.util
 import os
@@ -154,11 +153,9 @@ def test_weighted_ties_is_weighted_disjoint_mean(tmp_path, experts, states):
 
 
 def test_cli_parser_bf16_output_and_seed(tmp_path, experts):
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    from mergelaws import mergecli
+    from mergelaws.cli import build_parser
 
-    mergecli.add_parser(sub)
+    ap = build_parser()
     path = _write(tmp_path, _yaml("dare_ties", experts, [{"weight": 1.0, "density": 0.5}] * 3, out_dtype="bfloat16"))
     for out, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         args = ap.parse_args(["merge", str(path), str(tmp_path / out), "--seed", seed])

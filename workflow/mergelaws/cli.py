@@ -142,13 +142,67 @@ def cmd_schema(args) -> None:
     print(f"method parameters regenerated from the registry -> {config.regenerate_method_defs()}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_eval(args) -> None:
+    from mergelaws.evaluate import evaluate_files
+
+    _threads(args.threads)
+    evaluate_files(args.model, args.data, args.out, max_len=args.max_len, batch_tokens=args.batch_tokens,
+                   max_examples=args.max_examples, device=args.device, allow_bin=args.allow_bin,
+                   system_prompt=None if args.no_system_prompt else args.system_prompt, dtype=args.dtype)
+
+
+def cmd_merge(args) -> None:
+    from mergelaws.merging import mergekit
+
+    _threads(args.threads)
+    mergekit.run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin)
+
+
+def _add_run_args(p, device: str) -> None:
+    """--device, --threads and --allow-bin, shared by `mergelaws eval` and `mergelaws merge`."""
+    p.add_argument("--device", default=device, help=f"cpu, cuda or auto (default {device})")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also read pickle .bin weights (with torch.load(weights_only=True)); only for files you trust")
+
+
+def _add_eval(sub) -> None:
+    from mergelaws.data import DEFAULT_SYSTEM_PROMPT
+
+    p = sub.add_parser("eval", help="response-only cross-entropy of a model directory on JSONL(.gz) files")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors + tokenizer)")
+    p.add_argument("--data", required=True, action="append", help="JSONL(.gz) with prompt/response; repeatable")
+    p.add_argument("--out", required=True, help="output JSON (written atomically)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per example after truncation (default 256)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
+    p.add_argument("--max-examples", type=int, default=None, help="first N examples of each file")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="system turn rendered by the model's chat template (default: the paper's "
+                        "'You are a helpful assistant.', as the config's system_prompt)")
+    p.add_argument("--no-system-prompt", action="store_true",
+                   help="give no system turn (the template's own default applies; the config's system_prompt: null)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is evaluated in (default float32; losses are accumulated in fp32)")
+    _add_run_args(p, device="auto")
+    p.set_defaults(fn=cmd_eval)
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints from a mergekit-format YAML into a HF model directory")
+    p.add_argument("config", help="mergekit-format YAML (merge_method, base_model, models, parameters, dtype, "
+                                  "tokenizer_source: base|PATH, chat_template: NAME|auto|JINJA)")
+    p.add_argument("out", help="output model directory (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
+    _add_run_args(p, device="cpu")
+    p.set_defaults(fn=cmd_merge)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `mergelaws` subcommand (this module owns them all)."""
     ap = argparse.ArgumentParser(prog="mergelaws", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from mergelaws import evalcli, mergecli
-
-    evalcli.add_parser(sub)
-    mergecli.add_parser(sub)
+    _add_eval(sub)
+    _add_merge(sub)
 
     def add(name, fn, help_, config=True):
         p = sub.add_parser(name, help=help_)
@@ -214,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", required=True)
     p.add_argument("--out", required=True)
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from mergelaws.errors import MergelawsError, one_line
 
     t0 = time.time()

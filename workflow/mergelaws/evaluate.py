@@ -8,7 +8,10 @@ logits of a large vocabulary are never materialised at once.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,3 +85,46 @@ def evaluate_examples(model, examples: list[Example], *, pad_id: int, batch_toke
         total += LossSum(float(nll), n)
     model.train(was_training)
     return total
+
+
+# ---- `mergelaws eval`: a model directory on JSONL(.gz) files ----------------------------------
+
+def evaluate_files(model_dir: str | Path, data_files: list[str], out: str | Path, max_len: int = 256,
+             batch_tokens: int = 8192, max_examples: int | None = None, device: str = "auto",
+             prompt_field: str = "prompt", response_field: str = "response", allow_bin: bool = False,
+             system_prompt: str | None = None, dtype: str = "float32", log=print) -> dict:
+    """`mergelaws eval`: the response-only loss of ``model_dir`` on every file of ``data_files``,
+    through the sweep's own functions (the model's chat template with ``system_prompt``, the
+    truncation rule, :func:`evaluate_examples`), so its numbers are the sweep's for the same model,
+    data, system prompt and max_len. Writes ``out`` atomically and returns it::
+
+        {"model": DIR, "max_len": N, "results": {FILE: {"loss": nats/token, "tokens": n,
+         "examples": n, "truncated": n, "skipped": n}, ...}}
+    """
+    from mergelaws import data as D
+    from mergelaws import io, models
+
+    if not data_files:
+        raise D.DataError("no data file given; pass --data FILE at least once")
+    if max_len < 2:
+        raise D.DataError(f"max_len = {max_len} is too small; use at least 2 tokens")
+    dev = models.resolve_device(device)
+    tok = models.load_tokenizer(model_dir)
+    model = models.load_model(model_dir, dtype, dev, allow_bin=allow_bin)
+    results: dict[str, dict] = {}
+    t0 = time.time()
+    for f in data_files:
+        pairs = D.read_pairs(f, prompt_field, response_field, limit=max_examples, part="eval")
+        enc = D.encode_pairs(tok, pairs, max_len, system=system_prompt)
+        if not enc.examples:
+            raise D.DataError(f"data file {f} has no usable example after truncation to {max_len} tokens; "
+                              f"raise --max-len")
+        res = evaluate_examples(model, enc.examples, pad_id=tok.pad_token_id, batch_tokens=batch_tokens, device=dev)
+        results[str(f)] = {"loss": res.loss, "tokens": res.tokens, "examples": len(enc.examples),
+                           "truncated": enc.truncated, "skipped": enc.skipped}
+        log(f"eval {f}: loss {res.loss:.4f} nats/token over {res.tokens} tokens ({len(enc.examples)} examples)")
+    record = {"model": str(model_dir), "max_len": max_len, "max_examples": max_examples,
+              "system_prompt": system_prompt, "chat_template": D.has_chat_template(tok), "dtype": dtype,
+              "seconds": round(time.time() - t0, 3), "results": results}
+    io.write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

@@ -116,7 +116,7 @@ from mergelaws.merging.sparsify import rescale_kept, sparsify_breadcrumbs, spars
 
 __all__ = ["MergeYamlError", "MergePlan", "ALIASES", "CHAT_TEMPLATES", "merge_method_names", "mergekit_form",
            "parse_config", "load_config", "merge_tensor", "merge_task_vectors", "merge_states", "run_merge",
-           "run_merge_in_memory", "cmd_merge"]
+           "run_merge_in_memory"]
 
 
 def merge_tensor(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], *, seed: int = 0) -> torch.Tensor:
@@ -375,9 +375,3 @@ def run_merge_in_memory(plan: MergePlan, out, *, seed: int, device: str, allow_b
     log(f"merge {plan.method}: {len(plan.models)} models -> {out} in {time.time() - t0:.1f}s (loaded whole: the "
         f"base is not a local safetensors directory; peak memory about {len(plan.models) + 2} models in fp32)")
     return plan
-
-
-def cmd_merge(args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin)
