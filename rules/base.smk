@@ -4,14 +4,6 @@
 # Both write <results>/bases/<size>/: each rule's `size` is restricted to the sizes of its kind.
 
 
-def _sizes_re(sizes):
-    return _alternation(sizes) if sizes else "(?!)"  # (?!) matches nothing: no size of that kind
-
-
-PRETRAIN_SIZES = [s for s in SIZES if grid.base_kind(CFG, s) != "gguf"]
-GGUF_SIZES = grid.sizes_of_kind(CFG, "gguf")
-
-
 rule tokenizer:
     output:
         directory(f"{RESULTS}/tokenizer"),

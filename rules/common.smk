@@ -52,6 +52,15 @@ def _alternation(names):
     return "|".join(re.escape(n) for n in names)
 
 
+def _sizes_re(sizes):
+    return _alternation(sizes) if sizes else "(?!)"  # (?!) matches nothing: no size of that kind
+
+
+# rules pretrain and convert both write <results>/bases/<size>/: each takes the sizes of its kind
+PRETRAIN_SIZES = [s for s in SIZES if grid.base_kind(CFG, s) != "gguf"]
+GGUF_SIZES = grid.sizes_of_kind(CFG, "gguf")
+
+
 wildcard_constraints:
     size=_alternation(SIZES),
     domain=_alternation(DOMAINS),
