@@ -70,12 +70,18 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
     index = {d: i for i, d in enumerate(doms)}
     progress = PartialResults(out, fingerprint(cfg, size, method, base_path, expert_dirs, subsets))
     done = progress.done_ids()
-    todo = [s for s in subsets if s.id not in done]
+    order = list(subsets)
+    if merger.reuses_sums:  # consecutive subsets differ in few experts: cheap running-sum steps
+        order = [subsets[i] for i in merging.reuse_order([s.members for s in subsets])]
+    todo = [s for s in order if s.id not in done]
     if done:
         log(f"sweep {tag}: resuming, {len(subsets) - len(todo)} of {len(subsets)} subsets "
             f"already done (kept in {progress.dir})")
-    if merger.reuses_sums:  # consecutive subsets differ in few experts: cheap running-sum steps
-        todo = [todo[i] for i in merging.reuse_order([s.members for s in todo])]
+    # A resumed sweep with running sums takes the uninterrupted run's steps: the sums of subsets
+    # done before the kill are replayed (merged again, not evaluated), so every later merge gets
+    # the same float rounding and the table is bit for bit the uninterrupted run's.
+    position = {s.id: i for i, s in enumerate(order)}
+    cursor = replayed = 0
     prog = Progress(len(subsets), f"sweep {tag}")
     prog.update(len(subsets) - len(todo))
     chunk = cfg["sweep"]["chunk"]
@@ -83,6 +89,11 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
         rows = []
         for s in todo[start:start + chunk]:
             with torch.no_grad():  # written straight into the live model's parameters
+                if merger.reuses_sums:
+                    for r in order[cursor:position[s.id]]:
+                        merger.merge(r.members, r.id, out=live)
+                        replayed += 1
+                    cursor = position[s.id] + 1
                 merger.merge(s.members, s.id, out=live)
             bad = merger.last_nonfinite
             if bad:
@@ -117,6 +128,8 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
         f"{c.merges} merges, " + (f"{c.anchors} sums from scratch + {c.updates} expert add/subtract steps, "
                                  if merger.reuses_sums else f"{c.direct} direct, ")
         + f"{merger.bytes_read() / 1e9:.3f} GB of weights read")
+    if replayed:
+        log(f"sweep {tag}: {replayed} running sums of subsets done before the resume replayed (not evaluated)")
     log(f"sweep {tag}: {len(todo)} merges evaluated ({len(subsets)} in the table) in "
         f"{time.time() - t0:.1f}s -> {out}")
     return table
