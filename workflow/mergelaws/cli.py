@@ -32,7 +32,8 @@ def cmd_validate(args) -> None:
     n_sub = (f"{next(iter(per_size.values()))} subsets" if len(set(per_size.values())) == 1
              else "(" + ", ".join(f"{s}: {n}" for s, n in per_size.items()) + ") subsets")
     jobs = len(grid.methods(cfg)) * sum(grid.n_shards(cfg, s) for s in grid.sizes(cfg))
-    print(f"{args.config}: valid. {len(grid.sizes(cfg))} sizes x {len(grid.domains(cfg))} domains -> "
+    n_sizes = len(grid.sizes(cfg))
+    print(f"{args.config}: valid. {n_sizes} size{'s' if n_sizes != 1 else ''} x {len(grid.domains(cfg))} domains -> "
           f"{len(grid.sizes(cfg)) * len(grid.domains(cfg))} experts; {len(grid.methods(cfg))} methods x "
           f"{n_sub} -> {len(grid.methods(cfg)) * sum(per_size.values())} merges in {jobs} sweep jobs")
 
