@@ -40,20 +40,14 @@ DOMAINS = ["code", "scripture", "dictionary", "thesaurus", "jargon", "quotes", "
 @torch.no_grad()
 def paper_eval(model, examples, *, pad_id: int, max_len: int, batch_size: int = 10, device: str = "cpu"):
     """The paper's loop: pad to max_len, fixed batch size, HF loss (mean) x target count."""
+    from mergelaws import data as D
     from mergelaws.data import IGNORE
 
     model.eval()
     nll, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
-        ids = torch.full((len(batch), max_len), pad_id, dtype=torch.long)
-        att = torch.zeros((len(batch), max_len), dtype=torch.long)
-        lab = torch.full((len(batch), max_len), IGNORE, dtype=torch.long)
-        for i, e in enumerate(batch):
-            m = len(e)
-            ids[i, :m] = torch.tensor(e.input_ids)
-            att[i, :m] = 1
-            lab[i, :m] = torch.tensor(e.labels)
+        ids, att, lab = D.pad_batch(batch, pad_id, length=max_len)
         n = int((lab[:, 1:] != IGNORE).sum())
         if n == 0:
             continue

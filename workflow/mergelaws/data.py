@@ -308,11 +308,12 @@ def load_domain(cfg: dict, domain: str, split: str, tokenizer, max_len: int,
 
 # ---- batching ------------------------------------------------------------------------------
 
-def pad_batch(examples: list[Example], pad_id: int):
-    """Right-pad a list of examples into (input_ids, attention_mask, labels) tensors."""
+def pad_batch(examples: list[Example], pad_id: int, length: int | None = None):
+    """Right-pad a list of examples into (input_ids, attention_mask, labels) tensors, to the
+    longest example or to ``length`` (a fixed padding, as the paper's eval loop does)."""
     import torch
 
-    n = max(len(e) for e in examples)
+    n = length if length is not None else max(len(e) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     att = torch.zeros((len(examples), n), dtype=torch.long)
     lab = torch.full((len(examples), n), IGNORE, dtype=torch.long)
