@@ -250,3 +250,90 @@ def test_plan_holdout_size_with_four_sizes(tmp_path):
     assert len(hs) == 3 and all(r["converged"] and r["size"] == "l" for r in hs)
     md = P.render_markdown(plan)
     assert "## Held-out size" in md and "in-sample RMSE" in md and "skipped" not in md
+
+
+# -- honest reporting on small grids (#15): every sentence of plan.md from its numbers --------
+
+def _small_grid(max_k: int, per_k: int = 3):
+    """The default grid cut to k <= max_k with `per_k` subsets per k, from a pool of 9 experts."""
+    from synthetic import synthetic_losses
+
+    domains = [f"d{i}" for i in range(9)]
+    t = synthetic_losses(domains, seed=3)
+    t = t[t["k"] <= max_k]
+    keep = t[["size", "method", "k", "subset"]].drop_duplicates().groupby(["size", "method", "k"]).head(per_k)
+    return t.merge(keep, on=["size", "method", "k", "subset"])
+
+
+@pytest.mark.parametrize("n_boot", [0, 30])
+def test_small_grid_plan_says_what_its_numbers_say(tmp_path, n_boot):
+    t = _small_grid(3)  # k = 0..3: 3 values of k >= 1 for a 3-parameter law
+    P.write_plan(t, None, tmp_path, n_boot=n_boot)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    md = (tmp_path / "plan.md").read_text()
+    s = plan["settings"]
+    pool = len({m for ms in t["members"] for m in ms.split("+") if m})  # experts in the table: 5
+    assert s["M"] == 3 and s["pool"] == pool < 9 and s["measured_k"] == [1, 2, 3] and s["n_boot"] == n_boot
+    assert f"Measured k = 1..3 (3 values) from a pool of M = {pool} experts" in md
+    # zero degrees of freedom: flagged, and R² is not printed as a number
+    assert all(r["n_k"] == 3 and r["dof"] == 0 for r in plan["laws"])
+    assert f"**{len(plan['laws'])} of {len(plan['laws'])} per-size laws are exactly determined**" in md
+    assert "— (exact fit, 0 dof)" in md and "| 1.0000 |" not in md
+    # the replicate count is the one used, and no interval is invented without a bootstrap
+    if n_boot == 0:
+        assert "replicates" not in md and "[95%]" not in md and "no intervals (n_boot = 0" in md
+        assert all(r["L_inf_lo"] is None for r in plan["laws"])
+        assert "pinned" not in md and "half-width" not in md
+    else:
+        assert f"({n_boot} replicates, seed 0)" in md
+        hw = sorted(0.5 * (r["L_inf_hi"] - r["L_inf_lo"]) for r in plan["laws"])
+        med = 0.5 * (hw[len(hw) // 2 - 1] + hw[len(hw) // 2]) if len(hw) % 2 == 0 else hw[len(hw) // 2]
+        assert f"has a half-width of {med:.3g} nats" in md
+    # answers beyond the measured k are flagged, and counted from the rows
+    sat = plan["saturation"]
+    flagged = [r for r in sat if r["k_eps"] is not None and r["k_eps"] > 3]
+    assert flagged and all(r["reach"] in ("extrapolated", "beyond_pool") for r in flagged)
+    beyond = [r for r in flagged if r["k_eps"] > pool]
+    assert all(r["reach"] == "beyond_pool" for r in beyond)
+    assert all(r["reach"] == "extrapolated" for r in flagged if r["k_eps"] <= pool)
+    assert f"**{len(flagged)} of {len(sat)} k_ε values extrapolate beyond the measured k ≤ 3**" in md
+    if beyond:
+        assert f"{len(beyond)} of them beyond the pool of {pool} experts" in md
+    if n_boot:
+        assert all(r["k_eps_lo"] is not None for r in flagged)
+    # the three-point forecast and the k hold-out cannot run: said once, not as empty tables
+    assert "Not computed: k = [4] not measured." in md
+    assert "Not computed: no k > 4 measured." in md
+    assert "(the largest measured k)" in md
+
+
+def test_full_grid_plan_has_no_small_grid_warnings(tmp_path):
+    t = _small_grid(9, per_k=4)
+    P.write_plan(t, None, tmp_path, n_boot=10)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    md = (tmp_path / "plan.md").read_text()
+    assert plan["settings"]["M"] == plan["settings"]["pool"] == 9
+    assert all(r["dof"] == 6 for r in plan["laws"]) and "exactly determined" not in md
+    assert "exact fit" not in md and "Not computed" not in md
+    assert all(r["reach"] == "measured" for r in plan["experts_needed"] if r["k"] is not None)
+
+
+def test_plan_cli_takes_n_boot_from_the_config(tmp_path):
+    """`mergelaws plan --config` uses fit.n_boot (the rule passes only --config); 0 = no intervals,
+    not a traceback."""
+    import yaml
+
+    from mergelaws.cli import main
+
+    t = _small_grid(4)
+    t.to_parquet(tmp_path / "losses.parquet")
+    cfg = yaml.safe_load(open("config.yaml"))
+    cfg["fit"]["n_boot"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(tmp_path / "losses.parquet"), "--out", str(tmp_path / "p"),
+                 "--config", str(tmp_path / "config.yaml")]) in (0, None)
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["settings"]["n_boot"] == 0 and "replicates" not in (tmp_path / "p" / "plan.md").read_text()
+    assert main(["plan", str(tmp_path / "losses.parquet"), "--out", str(tmp_path / "p"),
+                 "--config", str(tmp_path / "config.yaml"), "--n-boot", "5"]) in (0, None)
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["settings"]["n_boot"] == 5

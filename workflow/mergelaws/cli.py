@@ -131,9 +131,12 @@ def cmd_plan(args) -> None:
 
     losses = io.read_table(args.losses)
     fits = Fits.from_dict(io.read_json(args.fits)) if args.fits else None
-    view = args.view or (_cfg(args, resolve_methods=False)["fit"]["view"] if args.config else "cross_domain")
+    fit_cfg = _cfg(args, resolve_methods=False)["fit"] if args.config else {}
+    view = args.view or fit_cfg.get("view", "cross_domain")
+    n_boot = args.n_boot if args.n_boot is not None else fit_cfg.get("n_boot", 200)
+    seed = args.seed if args.seed is not None else fit_cfg.get("seed", 0)
     for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps,
-                             view=view, n_boot=args.n_boot, seed=args.seed):
+                             view=view, n_boot=n_boot, seed=seed):
         print(p)
 
 
@@ -262,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, help="target loss (default: per size, midway to the floor)")
     p.add_argument("--eps", type=float, default=0.01, help="marginal gain threshold (nats/token)")
     p.add_argument("--view", help="view to plan on (default: fit.view from --config, else cross_domain)")
-    p.add_argument("--n-boot", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, help="bootstrap replicates for the intervals; 0 = none "
+                   "(default: fit.n_boot from --config, else 200)")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default: fit.seed from --config, else 0)")
     p = add("figures", cmd_figures, "draw the figures")
     p.add_argument("--losses", required=True)
     p.add_argument("--fits", required=True)

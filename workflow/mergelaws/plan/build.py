@@ -66,6 +66,22 @@ def _laws_from_fits(fits: Fits | None, view: str) -> dict[tuple[str, str], dict]
     return laws
 
 
+def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation of two replicate columns; None with < 3 finite pairs or no spread."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return None
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def _reach(k: int | None, measured: int, pool: int) -> dict:
+    """Where an answer k lies: within the measured k, extrapolated beyond them, or beyond the
+    pool of experts (more experts than exist)."""
+    if k is None:
+        return {"reach": None}
+    return {"reach": "measured" if k <= measured else "extrapolated" if k <= pool else "beyond_pool"}
+
+
 def _pct(v: np.ndarray, q: float):
     v = np.asarray(v, dtype=float)
     if v.size == 0:
@@ -132,7 +148,9 @@ def unified_rows(table: pd.DataFrame, fits: Fits | Mapping | None, view: str,
                             weights=choice["weights"], sem=g["sem"].to_numpy(),
                             loss=choice["loss"], f_scale=choice["f_scale"])
         ci = f.ci or {}
+        n = int(len(g))  # (size, k >= 1) means fitted
         row = {"method": str(method), "converged": bool(f.converged), "r2": f.r2,
+               "n_points": n, "dof": n - len(UNIFIED_PARAMS),
                "rmse": f.rmse, "at_bound": list(f.at_bound or []),
                "n_boot": int(f.n_boot or 0), "reason": f.reason}
         for name in UNIFIED_PARAMS:
@@ -161,13 +179,19 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
     size_order = [str(s) for s in sizes["size"]]
     params = {str(s): int(p) for p, s in zip(sizes["params"], sizes["size"])}
     methods = sorted(table["method"].unique())
-    M = int(table["k"].max())
+    M = int(table["k"].max())  # the largest measured k
+    pools = pool_sizes(losses)
+    pool = max(pools.values()) if pools else M  # experts in the pool (>= M)
+    measured_k = sorted(int(k) for k in table.loc[table["k"] >= 1, "k"].unique())
     k_cap = M if k_max is None else int(k_max)
     ref = reference_method or ("average" if "average" in methods else methods[0])
 
-    points, draws = bootstrap_draws(losses, view, n_boot=n_boot, seed=seed,
+    n_boot = int(n_boot)
+    points, draws = bootstrap_draws(losses, view, n_boot=max(n_boot, 1), seed=seed,
                                     weights=choice["weights"], loss=choice["loss"],
                                     f_scale=choice["f_scale"])
+    if n_boot < 1:  # the point fits only: no intervals
+        draws = draws.iloc[0:0]
     boot = summarise_draws(points, draws)
     laws = _laws_from_fits(fits, view)
     source = "fits" if laws else "refit"
@@ -191,6 +215,12 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
             row["frac_converged"] = float(bs["frac_converged"].iloc[0]) if len(bs) else None
             pt = points[(points["size"] == size) & (points["method"] == method)]
             row["r2"] = float(pt["r2"].iloc[0]) if len(pt) else None
+            row["n_k"] = int(pt["n_k"].iloc[0]) if len(pt) else None
+            # three parameters (L_inf, A, b): with as many k values the law passes through every
+            # mean, and R² = 1 says nothing
+            row["dof"] = None if row["n_k"] is None else row["n_k"] - len(PARAMS)
+            d = draws[(draws["size"] == size) & (draws["method"] == method) & draws["converged"].astype(bool)]
+            row["corr_A_b"] = _corr(d["A"].to_numpy(float), d["b"].to_numpy(float))
             law_rows.append(row)
 
     # -- targets
@@ -221,7 +251,8 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
                               "k": experts_needed(law, t), "k_lo": _pct(arr, 2.5),
                               "k_hi": _pct(arr, 97.5),
                               "frac_unreachable": float(np.mean(~np.isfinite(arr))) if arr.size else None,
-                              "within_pool": (experts_needed(law, t) or 10**9) <= M})
+                              "within_pool": (experts_needed(law, t) or 10**9) <= M,
+                              **_reach(experts_needed(law, t), M, pool)})
 
     # -- saturation and fractional return
     sat_rows = []
@@ -234,6 +265,10 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
             fitted = k_fraction(law_value(law, np.arange(1, M + 1)))
             measured = k_fraction(h["mean"].to_numpy(), h["k"].to_numpy())
             ke = k_epsilon(law, eps)
+            d = draws[(draws["size"] == size) & (draws["method"] == method) & draws["converged"].astype(bool)]
+            kes = [k_epsilon(r, eps)["k_eps"] for r in d[["L_inf", "A", "b"]].to_dict("records")]
+            kes = np.array([np.inf if v is None else v for v in kes], dtype=float)
+            ke.update(k_eps_lo=_pct(kes, 2.5), k_eps_hi=_pct(kes, 97.5), **_reach(ke["k_eps"], M, pool))
             sat_rows.append({"size": size, "method": method, **ke, "k_marginal": k_marginal(law, eps),
                              "k80_fit": fitted["k80"], "k90_fit": fitted["k90"],
                              "k80_env": measured["k80"], "k90_env": measured["k90"]})
@@ -264,7 +299,8 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
 
     cmp = compare_methods(values)
     plan = {
-        "settings": {"view": view, "eps": eps, "M": M, "k_max": k_cap, "n_boot": n_boot,
+        "settings": {"view": view, "eps": eps, "M": M, "pool": pool, "measured_k": measured_k,
+                     "k_max": k_cap, "n_boot": n_boot,
                      "weights": choice["weights"], "loss": choice["loss"],
                      "f_scale": choice["f_scale"], "fit_choice": _describe_fit_choice(choice),
                      "seed": seed, "reference_method": ref, "targets": tsource,

@@ -47,23 +47,113 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _krange(ks: list[int]) -> str:
+    """1..9, or 1, 2, 4 where the measured k are not consecutive."""
+    if not ks:
+        return "none"
+    if ks == list(range(ks[0], ks[-1] + 1)) and len(ks) > 2:
+        return f"{ks[0]}..{ks[-1]}"
+    return ", ".join(str(k) for k in ks)
+
+
+def _est(r: Mapping, name: str, nd: int = 4) -> str:
+    """The estimate with its interval where there is one."""
+    lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+    return _f(r[name], nd) + ("" if lo is None and hi is None else f" [{_f(lo, nd)}, {_f(hi, nd)}]")
+
+
+def _r2(r2, dof) -> str:
+    """R², or why it says nothing: with no degrees of freedom the law passes through every point."""
+    if dof is not None and dof <= 0:
+        return f"— (exact fit, {dof} dof)"
+    return _f(r2)
+
+
+def _k_interval(r: Mapping, name: str) -> str:
+    """[lo, hi] of a bootstrap interval on an integer k; ∞ where > 2.5% of refits never get there;
+    '' without bootstrap."""
+    lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+    if lo is None and hi is None and r.get("frac_unreachable") is None:
+        return ""
+    unreachable = r.get("frac_unreachable")
+    top = "∞" if hi is None and (unreachable is None or unreachable > 0.025) else _f(hi)
+    return f"[{_f(lo)}, {top}]"
+
+
+def _reach_note(r: Mapping, M: int, pool: int) -> str:
+    return {"extrapolated": f"extrapolated beyond the measured k ≤ {M}",
+            "beyond_pool": f"beyond the pool of {pool} experts"}.get(r.get("reach"), "")
+
+
+def _reach_summary(rows: list[Mapping], what: str, M: int, pool: int) -> str | None:
+    ext = [r for r in rows if r.get("reach") in ("extrapolated", "beyond_pool")]
+    if not ext:
+        return None
+    beyond = sum(r.get("reach") == "beyond_pool" for r in ext)
+    return (f"**{len(ext)} of {len(rows)} {what} extrapolate beyond the measured k ≤ {M}**"
+            + (f", {beyond} of them beyond the pool of {pool} experts (more experts than exist)"
+               if beyond else "") + "; they rest on the law's form, not on measurements: read "
+            "their intervals.")
+
+
+def _median(xs) -> float:
+    xs = sorted(float(x) for x in xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _interval_sentence(laws: list[Mapping]) -> str:
+    """What the intervals of the law table say, from their numbers."""
+    with_ci = [r for r in laws if r.get("L_inf_lo") is not None and r.get("L_inf_hi") is not None]
+    if not with_ci:
+        return "No intervals (n_boot = 0): the table gives point fits only."
+    hw = [(0.5 * (r["L_inf_hi"] - r["L_inf_lo"]), r) for r in with_ci]
+    widest = max(hw, key=lambda t: t[0])
+    out = [f"The 95% interval of the floor L∞ has a half-width of {_g(_median(h for h, _ in hw))} "
+           f"nats (median over {len(hw)} laws; widest ±{_g(widest[0])} at {widest[1]['size']} "
+           f"{widest[1]['method']})."]
+    rel = [(r["A_hi"] - r["A_lo"]) / abs(r["A"]) for r in with_ci
+           if r.get("A_lo") is not None and r.get("A_hi") is not None and r.get("A")]
+    if rel:
+        out.append(f"A's interval spans {100 * _median(rel):.0f}% of its estimate (median).")
+    cs = [r["corr_A_b"] for r in with_ci if r.get("corr_A_b") is not None]
+    if cs:
+        c = _median(cs)
+        out.append(f"A and b {'trade off against each other' if c > 0.5 else 'are only weakly tied'} "
+                   f"across bootstrap replicates (median correlation {c:.2f})"
+                   + (", so their intervals widen together where b is free." if c > 0.5 else "."))
+    return " ".join(out)
+
+
 def render_markdown(plan: Mapping) -> str:
     s = plan["settings"]
     M = s["M"]
+    pool = s.get("pool") or M
+    ks = s.get("measured_k") or list(range(1, M + 1))
+    boot = (f"intervals are 95% percentile bootstraps over subsets within each k "
+            f"({s['n_boot']} replicates, seed {s['seed']})" if s["n_boot"] else
+            "no intervals (n_boot = 0: point fits only)")
     parts = [f"# Merging plan ({s['view']} view)",
              f"Per-size law L(k) = L∞ + A/(k+b) per (size, method), laws from {s['laws_from']}; "
-             f"intervals are 95% percentile bootstraps over subsets within each k "
-             f"({s['n_boot']} replicates, seed {s['seed']}). Pool M = {M}; ε = {s['eps']}. "
+             f"{boot}. Measured k = {_krange(ks)} ({len(ks)} values) from a pool of M = {pool} "
+             f"experts (those in the table's subsets); ε = {s['eps']}. "
              f"Every law of the mean loss is fitted by {s.get('fit_choice', 'least squares')}."]
+    exact = [r for r in plan["laws"] if r.get("dof") is not None and r["dof"] <= 0]
+    if exact:
+        parts.append(f"**{len(exact)} of {len(plan['laws'])} per-size laws are exactly determined** "
+                     f"(as many k values as the law's 3 parameters, 0 degrees of freedom): they "
+                     f"pass through every mean and their R² = 1 says nothing; "
+                     + ("only the intervals tell how well the data pin them" if s["n_boot"] else
+                        "without intervals (n_boot = 0) nothing here tells how well the data pin "
+                        "them") + ". Measure more k values to test the law.")
 
     parts.append("## Fitted laws")
-    parts.append(_table(["size", "method", "L∞ [95%]", "A [95%]", "b [95%]", "R²"], [
-        [r["size"], r["method"], f"{_f(r['L_inf'])} [{_f(r['L_inf_lo'])}, {_f(r['L_inf_hi'])}]",
-         f"{_f(r['A'])} [{_f(r['A_lo'])}, {_f(r['A_hi'])}]",
-         f"{_f(r['b'], 2)} [{_f(r['b_lo'], 2)}, {_f(r['b_hi'], 2)}]", _f(r["r2"])]
+    ci = " [95%]" if s["n_boot"] else ""
+    parts.append(_table(["size", "method", f"L∞{ci}", f"A{ci}", f"b{ci}", "k values", "R²"], [
+        [r["size"], r["method"], _est(r, "L_inf"), _est(r, "A"), _est(r, "b", 2), _f(r.get("n_k")),
+         _r2(r["r2"], r.get("dof"))]
         for r in plan["laws"]]))
-    parts.append("The floor L∞ is pinned to a few thousandths; A and b trade off against each other, "
-                 "so their intervals are wide where b is free.")
+    parts.append(_interval_sentence(plan["laws"]))
 
     uni = plan.get("unified") or []
     if uni:
@@ -71,7 +161,8 @@ def render_markdown(plan: Mapping) -> str:
         parts.append("## Unified law L(N, k) = L* + B·N^−β + A0·N^−γ/(k+b)")
         parts.append(_table(["method", "L*", "B", "β", "A0", "γ", "b", "R²", "at a bound"], [
             [r["method"]] + [_ci(r, name) for name in UNIFIED_PARAMS]
-            + [_f(r["r2"], 3), ", ".join(r["at_bound"]) or "—"] if r["converged"] else
+            + [_r2(r["r2"], r.get("dof")) if r.get("dof") is None or r["dof"] <= 0 else
+               f"{_f(r['r2'], 3)} ({r['dof']} dof)", ", ".join(r["at_bound"]) or "—"] if r["converged"] else
             [r["method"]] + ["—"] * 6 + ["—", r.get("reason") or "not converged"] for r in uni]))
         parts.append("N in billions of parameters; one fit per method over every size and k ≥ 1"
                      + (f"; [95%] bootstrap intervals, {uni[0]['n_boot']} replicates resampling "
@@ -80,38 +171,65 @@ def render_markdown(plan: Mapping) -> str:
 
     parts.append("## Experts needed for a target loss")
     parts.append(f"Targets: {s['targets']}.")
-    parts.append(_table(["size", "method", "target", "k", "k [95%]", "unreachable in boot"], [
-        [r["size"], r["method"], _f(r["target"]), _f(r["k"]),
-         f"[{_f(r['k_lo'])}, {'∞' if r['k_hi'] is None and (r['frac_unreachable'] or 0) > 0.025 else _f(r['k_hi'])}]",
-         f"{100 * (r['frac_unreachable'] or 0):.0f}%"] for r in plan["experts_needed"]]))
-    parts.append("k is the smallest integer with L(k) ≤ target on the fitted law; the interval is "
-                 "the same question asked of each bootstrap refit (∞ = floor above the target).")
+    need = plan["experts_needed"]
+    if s["n_boot"]:
+        parts.append(_table(["size", "method", "target", "k", "k [95%]", "unreachable in boot", "note"], [
+            [r["size"], r["method"], _f(r["target"]), _f(r["k"]), _k_interval(r, "k"),
+             "—" if r["frac_unreachable"] is None else f"{100 * r['frac_unreachable']:.0f}%",
+             _reach_note(r, M, pool)] for r in need]))
+    else:
+        parts.append(_table(["size", "method", "target", "k", "note"], [
+            [r["size"], r["method"], _f(r["target"]), _f(r["k"]), _reach_note(r, M, pool)] for r in need]))
+    parts.append("k is the smallest integer with L(k) ≤ target on the fitted law"
+                 + ("; the interval is the same question asked of each bootstrap refit (∞ = floor "
+                    "above the target)." if s["n_boot"] else "."))
+    if (note := _reach_summary(need, "answers", M, pool)):
+        parts.append(note)
 
     parts.append("## Saturation and fractional return")
-    parts.append(_table(["size", "method", "k_ε = A/ε − b", "k_ε (↑)", "first Δ_k < ε",
-                         "k80 / k90 (fit)", "k80 / k90 (measured envelope)"], [
-        [r["size"], r["method"], _f(r["k_eps_value"], 1), _f(r["k_eps"]), _f(r["k_marginal"]),
-         f"{_f(r['k80_fit'])} / {_f(r['k90_fit'])}", f"{_f(r['k80_env'])} / {_f(r['k90_env'])}"]
-        for r in plan["saturation"]]))
+    sat = plan["saturation"]
+    parts.append(_table(["size", "method", "k_ε = A/ε − b", f"k_ε (↑){ci}", "first Δ_k < ε",
+                         "k80 / k90 (fit)", "k80 / k90 (measured envelope)", "note"], [
+        [r["size"], r["method"], _f(r["k_eps_value"], 1),
+         f"{_f(r['k_eps'])} {_k_interval(r, 'k_eps')}".strip(), _f(r["k_marginal"]),
+         f"{_f(r['k80_fit'])} / {_f(r['k90_fit'])}", f"{_f(r['k80_env'])} / {_f(r['k90_env'])}",
+         _reach_note(r, M, pool)]
+        for r in sat]))
     parts.append(f"k_ε (App. J.1) is where the tail A/(k+b) above the floor falls to ε = {s['eps']}; "
                  f"Δ_k < ε is where one more expert gains less than ε; k80/k90 are the first k "
-                 f"with 80/90% of the k = 1 → {M} improvement.")
+                 f"with 80/90% of the k = 1 → {M} improvement"
+                 + (f" (the measured range; the pool holds {pool})." if pool > M else "."))
+    if (note := _reach_summary(sat, "k_ε values", M, pool)):
+        parts.append(note)
 
     parts.append("## Three-point forecast (fit on k = 1, 2, 4)")
-    parts.append(_table(["size", "method", "exact", "L∞", "A", "b", "MAE (other k)",
-                         "max rel. err", f"error at k={M}"], [
-        [r["size"], r["method"], _f(r.get("exact")), _f(r.get("L_inf")), _f(r.get("A")),
-         _f(r.get("b"), 2), _f(r.get("mae")), _f(r.get("max_rel_err")), _f(r.get("err_at_M"))]
-        for r in plan["three_point"]]))
-    parts.append("Three measured means determine the law; the errors are against the measured "
-                 "means at the k not used.")
+    tp = plan["three_point"]
+    done = [r for r in tp if r.get("L_inf") is not None]
+    if not done:
+        parts.append("Not computed: " + "; ".join(sorted({r.get("reason") or "no law" for r in tp})) + ".")
+    else:
+        parts.append(_table(["size", "method", "exact", "L∞", "A", "b", "MAE (other k)",
+                             "max rel. err", f"error at k={M}"], [
+            [r["size"], r["method"], _f(r.get("exact")), _f(r.get("L_inf")), _f(r.get("A")),
+             _f(r.get("b"), 2), _f(r.get("mae")), _f(r.get("max_rel_err")), _f(r.get("err_at_M"))]
+            for r in tp]))
+        n_exact = sum(bool(r.get("exact")) for r in done)
+        parts.append(f"Three measured means determine the law exactly in {n_exact} of {len(done)} "
+                     f"cases (else bounded least squares on the three); the errors are against the "
+                     f"measured means at the k not used"
+                     + ("." if any(r.get("mae") is not None for r in done) else
+                        ": none measured, so nothing checks these forecasts."))
 
     hk = [r for r in plan["holdout"] if r["kind"] == "k_extrapolation"]
     hs = [r for r in plan["holdout"] if r["kind"] == "size_extrapolation"]
     parts.append("## Hold-out: fit k ≤ 4, predict the rest")
-    parts.append(_table(["size", "method", "predict k", "MAE", "max rel. err", f"error at k={M}"], [
-        [r["size"], r["method"], r["predict_k"], _f(r.get("mae")), _f(r.get("max_rel_err")),
-         _f(r.get("err_at_M"))] for r in hk]))
+    if hk and all(r.get("mae") is None for r in hk):
+        parts.append("Not computed: " + "; ".join(sorted({r.get("reason") or "no prediction"
+                                                          for r in hk})) + ".")
+    else:
+        parts.append(_table(["size", "method", "predict k", "MAE", "max rel. err", f"error at k={M}"], [
+            [r["size"], r["method"], r["predict_k"], _f(r.get("mae")), _f(r.get("max_rel_err")),
+             _f(r.get("err_at_M"))] for r in hk]))
     if hs:
         parts.append("## Held-out size: unified law fitted without the largest size")
         reasons = {r.get("reason") for r in hs if r.get("reason")}
@@ -141,7 +259,8 @@ def render_markdown(plan: Mapping) -> str:
 
     parts.append(f"## Budget ({s['reference_method']})")
     parts.append("Cost of (size, k) = k × expert + merge; unit = " + s["cost_unit"]
-                 + f"; merge + eval = {s['merge_fraction']} × the size's expert; k ≤ {s['k_max']}.")
+                 + f"; merge + eval = {s['merge_fraction']} × the size's expert; k ≤ {s['k_max']}"
+                 + (" (the largest measured k)." if s["k_max"] == M else "."))
     parts.append(_table(["size", "expert", "merge + eval"], [
         [sz, _f(c["expert"], 2), _f(c["merge"], 2)] for sz, c in plan["costs"].items()]))
     parts.append("\n".join(f"- {line}" for line in plan["recommendation"]))
