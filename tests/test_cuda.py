@@ -81,6 +81,8 @@ CASES = [
     ("della", {"density": 0.6, "epsilon": 0.2, "rescale": "l1"}),
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
+    ("fr_merging", {}),  # its FFT runs on the CPU whatever the device (fourier.py)
+    ("free_merging", {"ratio": 0.5, "normalize": True}),
 ]
 CASE_IDS = [f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
 

@@ -337,7 +337,7 @@ def test_tensor_seed_stable_across_processes():
 
 def test_registry_names_and_defaults():
     assert M.method_names() == ["average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "della",
-                                "model_stock"]
+                                "model_stock", "fr_merging", "free_merging"]
     assert M.resolve_params("average", None) == {"scale": 1.0}
     assert M.resolve_params("task_arithmetic", {}) == {"scale": 0.8, "combine": "mean"}
     assert M.resolve_params("ties", {}) == {"density": 1.0, "scale": 1.0, "trim_scope": "tensor", "zero_sign": "positive"}

@@ -5,6 +5,8 @@ subset build the merged weights in memory, evaluate them on every domain, and em
 The merges come from a merging.SubsetMerger: in memory (base + every task vector, fp32) when that fits
 ``sweep.max_memory_gb``, else streamed tensor by tensor from the safetensors files; average and
 task_arithmetic carry a running sum from subset to subset (subsets in merging.reuse_order).
+A task-aware method (free_merging) has the eval domain's own sparse expert added to the merge
+while that domain is evaluated, when its expert is in the subset (SubsetMerger.task_expert).
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
                     rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
                                  *counts, "failed: non-finite weights"))
                     continue
-                res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
-                                        batch_tokens=cfg["eval"]["batch_tokens"], device=device)
+                with merger.task_expert(d, live):  # task-aware methods: d's own sparse expert, then undone
+                    res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
+                                            batch_tokens=cfg["eval"]["batch_tokens"], device=device)
                 status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"
                 if status != "ok":
                     log(f"sweep {tag}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; "

@@ -9,7 +9,9 @@ The modules, each along one seam (lower ones never import higher ones):
 * the methods, one module per family, registered in this order (= :func:`method_names`):
   :mod:`~mergelaws.merging.linear` (average, task_arithmetic), :mod:`~mergelaws.merging.ties`,
   :mod:`~mergelaws.merging.dare`, :mod:`~mergelaws.merging.gta` (dare_ties, breadcrumbs, della:
-  sparsify, then :func:`combine_deltas`), :mod:`~mergelaws.merging.model_stock`.
+  sparsify, then :func:`combine_deltas`), :mod:`~mergelaws.merging.model_stock`,
+  :mod:`~mergelaws.merging.fourier` (fr_merging, free_merging: a frequency filter, sign election, sum;
+  free_merging is task-aware: the sweep adds the eval domain's own sparse expert).
 * :mod:`~mergelaws.merging.model`: one tensor (:func:`merge_deltas`) or whole state dicts
   (:func:`merge_state_dicts`), per-tensor seeds (:func:`tensor_seed`).
 * :mod:`~mergelaws.merging.checkpoint`: safetensors read and written one tensor at a time.
@@ -29,9 +31,10 @@ from mergelaws.merging.sparsify import (RESCALE_CHOICES, TIES_KEEP_ROUNDING, bre
                                         sparsify_della, ties_keep_count, trim)
 
 # the method families: importing them registers their methods, in the order of method_names()
-from mergelaws.merging import linear, ties, dare, gta, model_stock  # noqa: F401  (this order)
+from mergelaws.merging import linear, ties, dare, gta, model_stock, fourier  # noqa: F401  (this order)
 from mergelaws.merging.gta import combine_deltas
 from mergelaws.merging.model_stock import model_stock_ratio
+from mergelaws.merging.fourier import free_expert, frequency_filter, frequency_mask, spectrum_kept
 from mergelaws.merging.model import (global_trim_state_from, merge_deltas, merge_state_dicts,
                                      task_vectors, tensor_seed)
 from mergelaws.merging.checkpoint import (CheckpointError, DictSource, RowCutSource, SafetensorsSource,
@@ -46,7 +49,7 @@ __all__ = [
     # sparsification
     "TIES_KEEP_ROUNDING", "RESCALE_CHOICES", "ties_keep_count", "kth_smallest", "trim", "rescale_kept",
     "sparsify_dare", "breadcrumbs_counts", "sparsify_breadcrumbs", "della_keep_probs", "sparsify_della",
-    "combine_deltas", "model_stock_ratio",
+    "combine_deltas", "model_stock_ratio", "frequency_mask", "frequency_filter", "spectrum_kept", "free_expert",
     # whole models
     "tensor_seed", "merge_deltas", "task_vectors", "global_trim_state_from", "merge_state_dicts",
     # checkpoints

@@ -4,15 +4,16 @@ that reuses running sums (:func:`reuse_order`), and its cost and memory accounti
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from mergelaws.merging.checkpoint import RowCutSource, as_source
 from mergelaws.merging.model import global_trim_state_from, merge_deltas, tensor_seed
-from mergelaws.merging.registry import resolve_params
+from mergelaws.merging.registry import get_method, resolve_params
 from mergelaws.merging.sparsify import all_finite
 
 __all__ = ["SUM_METHODS", "sum_coefficient", "reuse_order", "MergeCost", "SubsetMerger", "merge_memory_estimate"]
@@ -99,6 +100,12 @@ class SubsetMerger:
     Every other method merges directly, tensor by tensor, as :func:`merge_state_dicts` does:
     same task vectors, same per-(seed, subset, tensor) masks, bit-identical results.
     ``reuse=False`` sends average and task_arithmetic down that path too.
+
+    A task-aware method (free_merging; registry ``expert=``) gets each expert's sparse
+    lightweight expert at :meth:`add_expert` (flat indices and values per tensor, ~1% of a
+    model); every merge keeps the fp32 values ``merged + e`` at those indices for its members,
+    and :meth:`task_expert` writes them into the live weights for one eval domain and restores
+    the saved entries afterwards (by index: bit for bit).
     """
 
     def __init__(self, name: str, params: dict[str, Any] | None, base: Any, *, seed: int = 0,
@@ -119,6 +126,10 @@ class SubsetMerger:
         self.names = list(names)
         self.shapes = {n: tuple(self._base_src.shape(n)) for n in self.names}
         self.reuses_sums = reuse and name in SUM_METHODS
+        self._expert_fn = get_method(name).expert
+        self.task_aware = self._expert_fn is not None
+        self._patches: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}  # key -> tensor -> (flat idx, e values)
+        self._patched: dict[str, dict[str, Tensor]] = {}  # key -> tensor -> fp32 merged + e at idx (last merge)
         self.cost = MergeCost()
         self.last_nonfinite: list[str] = []
         self._experts: dict[str, Any] = {}  # key -> source (stream) or flat task vector (memory)
@@ -181,6 +192,7 @@ class SubsetMerger:
                 raise ValueError(f"expert {key}: {n} has shape {tuple(src.shape(n))}, base {self.shapes[n]}")
         if self.mode == "stream":
             self._experts[key] = src
+            self._add_patches(key)
             return
         flat = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         before = getattr(src, "bytes_read", 0)
@@ -189,6 +201,20 @@ class SubsetMerger:
             src.release(n)
         self._setup_read += getattr(src, "bytes_read", 0) - before
         self._experts[key] = flat
+        self._add_patches(key)
+
+    def _add_patches(self, key: str) -> None:
+        """Task-aware methods: expert ``key``'s sparse lightweight expert, per tensor."""
+        if not self.task_aware:
+            return
+        patches = {}
+        for n in self.names:
+            e = self._expert_fn(self._delta(key, n), **self.params).reshape(-1)
+            idx = torch.nonzero(e).reshape(-1)  # a kept exact zero changes nothing
+            if idx.numel():
+                patches[n] = (idx, e[idx].clone())
+            self._release(n)
+        self._patches[key] = patches
 
     def _delta(self, key: str, n: str, b: Tensor | None = None, out: Tensor | None = None) -> Tensor:
         """Task vector of expert ``key`` for tensor ``n`` (fp32; ``b`` = the base tensor)."""
@@ -214,6 +240,7 @@ class SubsetMerger:
     def held_bytes(self) -> int:
         """Bytes of tensors this merger holds (base, task vectors, running sum)."""
         flats = [self._base_flat, self._acc] + [e for e in self._experts.values() if isinstance(e, Tensor)]
+        flats += [t for p in self._patches.values() for pair in p.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in flats if t is not None)
 
     # ---- merging -----------------------------------------------------------------------------
@@ -233,9 +260,14 @@ class SubsetMerger:
         self.cost.merges += 1
         result: dict[str, Tensor] = {} if out is None else out
         bad: list[str] = []
+        self._patched = {m: {} for m in members if m in self._patches}
 
         def emit(n: str, value: Tensor, scratch: bool = False) -> None:
             """Store one merged tensor; ``scratch``: ``value`` lives in a reused buffer."""
+            for m, vals in self._patched.items():  # task-aware: (theta_0 + merge) + e, in fp32
+                if n in self._patches[m]:
+                    idx, e = self._patches[m][n]
+                    vals[n] = value.reshape(-1)[idx] + e
             if out is None:
                 result[n] = value.clone() if scratch else value
             else:
@@ -254,6 +286,31 @@ class SubsetMerger:
         if self.reuses_sums and members:
             self._dirty = set(bad)
         return result
+
+    @contextmanager
+    def task_expert(self, key: str, out: dict[str, Tensor]) -> Iterator[bool]:
+        """While inside: the last merge (written into ``out``) with expert ``key``'s lightweight
+        expert added, for a task-aware method whose last merged subset holds ``key``; yields
+        whether anything changed. The entries it overwrites are saved and written back on exit,
+        so ``out`` is the plain merge again, bit for bit."""
+        vals = self._patched.get(key)
+        if not vals:
+            yield False
+            return
+        saved: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for n, v in vals.items():
+                    flat = out[n].view(-1)
+                    idx = self._patches[key][n][0].to(flat.device)
+                    saved[n] = flat[idx]  # advanced indexing: a copy
+                    flat[idx] = v.to(flat.device, flat.dtype)
+            yield True
+        finally:
+            with torch.no_grad():
+                for n, old in saved.items():
+                    flat = out[n].view(-1)
+                    flat[self._patches[key][n][0].to(flat.device)] = old
 
     def _merge_direct(self, members: list[str], subset_id: str, emit) -> None:
         self.cost.direct += 1

@@ -38,11 +38,15 @@ theta_0 and per-model weights w_i::
 | della                | MagPrune keep probs (density, epsilon)  | yes       | true      | true    | della rescale=l1                                 |
 | (della_linear)       | same                                    | no        | false     | true    | -                                                |
 | model_stock          | -  (theta_0 + t * mean v_i)             | -         | -         | -       | model_stock                                      |
+| fr_merging (fourier) | FR-Merging's frequency filter, ratio 0.9| yes       | false     | -       | fr_merging weight=w, scale=lambda                |
 
 A ``merge_method`` is a registry name (the method's ``mergekit=`` form in its ``register`` call
 gives the sparsify, consensus and default normalize and rescale columns) or one of mergekit's
 names in parentheses (:data:`mergelaws.merging.mergekit_config.ALIASES`: ``breadcrumbs_ties``
-adds consensus; ``della_linear`` drops it and defaults normalize to false).
+adds consensus; ``della_linear`` drops it and defaults normalize to false). ``fourier`` is the
+FREE-Merging repository's mergekit fork's name for FR-Merging (its filter at the fork's fixed
+high_ratio 0.9, the released mask; see :mod:`mergelaws.merging.fourier`); its ``FREE`` method
+computes the same merge as released and is not offered (free_merging's expert needs a task).
 
 mergekit's ``rescale: true`` is its L1 rescale (x ||v||_1 / ||m*v||_1 per model and tensor),
 not DARE's 1/(1-p). ``linear`` with ``normalize: false`` gives sum_i w_i theta_i.
@@ -105,6 +109,7 @@ import torch
 
 from mergelaws.io import atomic_path
 from mergelaws.merging.checkpoint import CheckpointError, DictSource, SafetensorsSource, SafetensorsWriter, read_f32
+from mergelaws.merging.fourier import RELEASED_RATIO, fr_filter_all
 from mergelaws.merging.gta import combine_deltas
 from mergelaws.merging.mergekit_config import (ALIASES, CHAT_TEMPLATES, DTYPES, MergePlan, MergeYamlError,
                                                load_config, merge_method_names, mergekit_form, parse_config)
@@ -150,6 +155,8 @@ def merge_task_vectors(plan: MergePlan, b: torch.Tensor, deltas: torch.Tensor, *
         sparse = sparsify_breadcrumbs(deltas, pm["density"], pm["gamma"], rescale)
     elif form.sparsify == "della":
         sparse = sparsify_della(deltas, pm["density"], pm["epsilon"], rescale, seed)
+    elif form.sparsify == "fourier":
+        sparse = fr_filter_all(deltas, RELEASED_RATIO, True)
     else:
         sparse = deltas
     weights = torch.tensor(plan.weights, dtype=torch.float32)

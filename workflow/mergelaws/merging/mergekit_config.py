@@ -34,6 +34,7 @@ ALIASES: dict[str, tuple[str, dict[str, bool]]] = {
     "dare_linear": ("dare", {}),
     "breadcrumbs_ties": ("breadcrumbs", {"consensus": True}),
     "della_linear": ("della", {"consensus": False, "normalize": False}),
+    "fourier": ("fr_merging", {}),  # the FREE-Merging repository's mergekit fork
 }
 
 

@@ -7,8 +7,14 @@ allowed ranges, and (:class:`MergekitForm`) how mergekit computes each. The CLI,
 A method is one pure tensor function, registered once with :func:`register` in the module of its
 family (:mod:`~mergelaws.merging.linear`, :mod:`~mergelaws.merging.ties`,
 :mod:`~mergelaws.merging.dare`, :mod:`~mergelaws.merging.gta`,
-:mod:`~mergelaws.merging.model_stock`); :mod:`mergelaws.merging` imports them in that order, which
-is the order of :func:`method_names`.
+:mod:`~mergelaws.merging.model_stock`, :mod:`~mergelaws.merging.fourier`); :mod:`mergelaws.merging`
+imports them in that order, which is the order of :func:`method_names`.
+
+A *task-aware* method (``expert=`` in :func:`register`, e.g. free_merging) also names a function
+``expert(v, **params)`` turning ONE expert's raw task vector of one tensor into a sparse
+lightweight expert (zeros elsewhere): the sweep adds the eval domain's own one to the merged
+weights while it evaluates that domain, when that domain's expert is in the merged subset
+(:meth:`mergelaws.merging.SubsetMerger.task_expert`). The merge itself (``fn``) knows no task.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ class MergekitForm:
     mergekit's names in :data:`mergelaws.merging.mergekit_config.ALIASES`, which may change
     ``consensus`` and ``normalize``."""
 
-    sparsify: str | None  # None | "magnitude" | "random" | "outliers" | "della"
+    sparsify: str | None  # None | "magnitude" | "random" | "outliers" | "della" | "fourier"
     consensus: bool  # TIES's sign election before the (weighted) sum
     normalize: bool  # the default of mergekit's ``normalize``
     rescale: bool  # the default of mergekit's ``rescale`` (its L1 rescale)
@@ -88,6 +94,12 @@ class MergeMethod:
     doc: str
     stochastic: bool
     mergekit: MergekitForm | None = None  # None: not offered by the mergekit YAML front end
+    # task-aware methods: expert(v [one expert's task vector of one tensor], **params) -> sparse expert
+    expert: Callable[..., Tensor] | None = None
+
+    @property
+    def task_aware(self) -> bool:
+        return self.expert is not None
 
 
 class UnknownMethodError(MethodError):
@@ -99,9 +111,10 @@ METHODS = REGISTRY  # the same dict, under the name callers of mergelaws.merging
 
 
 def register(name: str, params: list[Param] | tuple[Param, ...], doc: str, stochastic: bool = False,
-             mergekit: MergekitForm | None = None):
+             mergekit: MergekitForm | None = None, expert: Callable[..., Tensor] | None = None):
     """Decorator registering ``fn(deltas, *, seed, **params) -> merged delta``; ``mergekit``: the
-    method's form in mergekit's YAML (see :class:`MergekitForm`)."""
+    method's form in mergekit's YAML (see :class:`MergekitForm`); ``expert``: makes the method
+    task-aware (see the module doc)."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in REGISTRY:
@@ -111,7 +124,7 @@ def register(name: str, params: list[Param] | tuple[Param, ...], doc: str, stoch
             raise ValueError(f"merge method {name!r}: duplicate parameter names")
         for p in params:  # the defaults must pass their own validation
             _check_value(name, p, p.default)
-        REGISTRY[name] = MergeMethod(name, fn, table, doc, stochastic, mergekit)
+        REGISTRY[name] = MergeMethod(name, fn, table, doc, stochastic, mergekit, expert)
         return fn
 
     return deco
