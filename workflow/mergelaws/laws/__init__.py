@@ -13,7 +13,10 @@ Modules, each importing only those above it:
 * ``solvers``: weights, weighted least squares, variable projection over b, the Huber loss;
 * ``per_size``, ``unified``, ``variance``: each law, its fit and its typed result;
 * ``holdout``: the held-out-size and held-out-k checks;
-* ``bootstrap``: percentile-bootstrap intervals (resampling merged subsets);
+* ``intervals``: the parametric bootstrap's pieces (cell noise from the variance law, the
+  unified law refitted for many replicates at once);
+* ``bootstrap``: percentile-bootstrap intervals, parametric (the default) or resampling the
+  merged subsets (``interval``, config ``fit.interval``);
 * ``results``: ``Fits`` (what ``fits.json`` holds), ``load_fits`` and the tables;
 * ``runner``: ``fit_all`` and ``run_fit``, the fit step that writes the fit files.
 
@@ -30,7 +33,18 @@ from mergelaws.laws.bootstrap import (
     summarise_unified,
     unified_draws,
 )
-from mergelaws.laws.holdout import MIN_SIZES_HOLDOUT, holdout_errors, holdout_largest_size
+from mergelaws.laws.holdout import (
+    MIN_SIZES_HOLDOUT,
+    holdout_errors,
+    holdout_largest_size,
+)
+from mergelaws.laws.intervals import (
+    DEFAULT_INTERVAL,
+    INTERVALS,
+    cell_noise_sd,
+    check_interval,
+    fit_unified_batch,
+)
 from mergelaws.laws.per_size import (
     DEFAULT_B_BOUNDS,
     FinitePoolFit,
@@ -73,7 +87,12 @@ from mergelaws.laws.unified import (
     fit_unified,
     predict_unified,
 )
-from mergelaws.laws.variance import VARIANCE_LAWS, VarianceFit, fit_variance, predict_variance
+from mergelaws.laws.variance import (
+    VARIANCE_LAWS,
+    VarianceFit,
+    fit_variance,
+    predict_variance,
+)
 from mergelaws.laws.views import (
     VIEWS,
     fit_views,
@@ -99,6 +118,7 @@ __all__ = [
     "VARIANCE_LAWS", "fit_variance", "predict_variance",
     "MIN_SIZES_HOLDOUT", "holdout_largest_size", "holdout_errors",
     # intervals
+    "INTERVALS", "DEFAULT_INTERVAL", "cell_noise_sd", "check_interval", "fit_unified_batch",
     "PARAMS", "fit_per_size_batch", "bootstrap_draws", "bootstrap_per_size", "summarise_draws",
     "unified_draws", "summarise_unified", "bootstrap_unified",
     # the fit step

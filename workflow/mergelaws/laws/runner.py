@@ -3,8 +3,8 @@
 * ``fit_all``: per (method, view), the per-size law for every size, the unified law (with
   the held-out-size check and bootstrap intervals) and the variance laws for every size;
   returns typed ``Fits``.
-* ``FitSettings``: the fit step's settings (weights, loss, f_scale, n_boot, seed), from the
-  config's ``fit`` section with command-line overrides, checked.
+* ``FitSettings``: the fit step's settings (weights, loss, f_scale, n_boot, seed,
+  interval), from the config's ``fit`` section with command-line overrides, checked.
 * ``write_fits``: ``fits.json``, ``summary.csv``, ``unified.{parquet,csv}`` and
   ``variance.{parquet,csv}``, each written atomically.
 * ``run_fit``: all of it for a losses table (what the fit command does); ``FitRun.report``
@@ -23,6 +23,12 @@ import pandas as pd
 from mergelaws import io
 from mergelaws.laws.bootstrap import summarise_unified, unified_draws
 from mergelaws.laws.holdout import MIN_SIZES_HOLDOUT, holdout_largest_size
+from mergelaws.laws.intervals import (
+    DEFAULT_INTERVAL,
+    INTERVALS,
+    PRIOR_DOF,
+    check_interval,
+)
 from mergelaws.laws.per_size import DEFAULT_B_BOUNDS, PerSizeFit, fit_per_size
 from mergelaws.laws.results import (
     Fits,
@@ -32,9 +38,20 @@ from mergelaws.laws.results import (
     variance_frame,
 )
 from mergelaws.laws.solvers import check_loss
-from mergelaws.laws.unified import DEFAULT_UNIFIED_BOUNDS, UNIFIED_PARAMS, UnifiedFit, fit_unified
+from mergelaws.laws.unified import (
+    DEFAULT_UNIFIED_BOUNDS,
+    UNIFIED_PARAMS,
+    UnifiedFit,
+    fit_unified,
+)
 from mergelaws.laws.variance import VARIANCE_LAWS, VarianceFit, fit_variance
-from mergelaws.laws.views import aggregate_views, fit_views, normalise_losses, pools_of, subset_values
+from mergelaws.laws.views import (
+    aggregate_views,
+    fit_views,
+    normalise_losses,
+    pools_of,
+    subset_values,
+)
 
 __all__ = ["fit_all", "FitSettings", "FitSettingsError", "FitRun", "write_fits", "run_fit"]
 
@@ -50,6 +67,7 @@ def fit_all(
     n_boot: int = 0,
     seed: int = 0,
     level: float = 0.95,
+    interval: str = DEFAULT_INTERVAL,
 ) -> Fits:
     """Fit, per (method, view), the per-size law for every size, the unified law (with
     bootstrap intervals when ``n_boot`` > 0, and the held-out-size check), and the variance
@@ -59,9 +77,11 @@ def fit_all(
     (in-domain, cross-domain and every ``domain:<d>``).  ``weights``: ``"k"`` (the paper's),
     ``"sem"`` or ``"none"``; ``loss``: ``"linear"`` or ``"huber"`` with threshold
     ``f_scale`` (None: automatic), for every fit of a law of the mean loss (the variance
-    laws are plain least squares, as the paper's).  ``n_boot`` replicates resample the merged
-    subsets within each (size, k) cell (``bootstrap.unified_draws``; seeded by ``seed``);
-    intervals are percentile intervals at ``level``.
+    laws are plain least squares, as the paper's).  ``n_boot`` bootstrap replicates
+    (``bootstrap.unified_draws``; seeded by ``seed``) of the kind ``interval`` names:
+    ``"parametric"`` (cell means drawn from the fit plus each cell's sampling noise under the
+    variance law, the default) or ``"subsets"`` (merged subsets resampled within each
+    (size, k) cell); intervals are percentile intervals at ``level``.
 
     Returns ``Fits`` (``Fits.to_dict()`` is the JSON of ``fits.json``; non-finite numbers
     are None).  Each ``UnifiedFit`` carries ``holdout`` (``holdout_largest_size``) and ``ci``
@@ -75,6 +95,7 @@ def fit_all(
         raise ValueError("n_boot must be >= 0")
     if not 0 < level < 1:
         raise ValueError("level must be in (0, 1)")
+    check_interval(interval)
     df = normalise_losses(losses)
     if isinstance(views, str):
         views = fit_views(df) if views == "all" else [views]
@@ -118,7 +139,8 @@ def fit_all(
                 vals = per_subset[view]
                 draws = unified_draws(vals[vals["method"] == method], f, n_boot=n_boot,
                                       seed=seed, weights=weights, loss=loss, f_scale=f_scale,
-                                      bounds=ub, key=(str(method), str(view)))
+                                      bounds=ub, key=(str(method), str(view)),
+                                      interval=interval)
                 f.update(**summarise_unified(f, draws, level))
             unified.append(f)
     settings = {
@@ -139,8 +161,8 @@ def fit_all(
         "fitted_on": "per-k means across subsets (view_table)",
         "r2": "unweighted, on the fitted points (r2_weighted also reported)",
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
-                      "resampling": "merged subsets with replacement within each (size, k) cell; "
-                                    "each replicate refitted from the point estimate"},
+                      "interval": interval,
+                      "resampling": _RESAMPLING[interval]},
         "variance_fit": "unweighted least squares on the across-subset variance at each k "
                         "with >= 2 subsets; M = the expert pool (distinct members)",
         "holdout": f"unified law fitted on all sizes but the largest, largest predicted "
@@ -153,6 +175,16 @@ def fit_all(
 # --------------------------------------------------------------------------------------
 # The fit step
 # --------------------------------------------------------------------------------------
+
+
+_RESAMPLING = {
+    "parametric": ("each (size, k) cell mean drawn from the fitted law + normal noise of sd "
+                   "sqrt(s2/n), s2 = the size's variance law C/k shrunk towards the cell's own "
+                   f"across-subset variance ({PRIOR_DOF:g} pseudo degrees of freedom; one subset: "
+                   "C/k); percentile intervals; each replicate refitted from the point estimate"),
+    "subsets": ("merged subsets with replacement within each (size, k) cell; percentile "
+                "intervals; each replicate refitted from the point estimate"),
+}
 
 
 class FitSettingsError(ValueError):
@@ -168,11 +200,12 @@ class FitSettings:
     f_scale: float | None = None
     n_boot: int = 200
     seed: int = 0
+    interval: str = DEFAULT_INTERVAL
 
     @classmethod
     def resolve(cls, fit_config: Mapping | None = None, *, weights: str | None = None,
                 loss: str | None = None, f_scale: float | None = None, n_boot: int | None = None,
-                seed: int | None = None) -> FitSettings:
+                seed: int | None = None, interval: str | None = None) -> FitSettings:
         """The settings from ``fit_config`` (the config's ``fit`` section; None: defaults),
         each overridden by the keyword given (None: not given), checked: raises
         ``FitSettingsError`` for a bad loss / f_scale or a negative n_boot."""
@@ -181,11 +214,15 @@ class FitSettings:
                   loss=loss or fcfg.get("loss", "linear"),
                   f_scale=f_scale if f_scale is not None else fcfg.get("f_scale"),
                   n_boot=n_boot if n_boot is not None else fcfg.get("n_boot", 200),
-                  seed=seed if seed is not None else fcfg.get("seed", 0))
+                  seed=seed if seed is not None else fcfg.get("seed", 0),
+                  interval=interval or fcfg.get("interval", DEFAULT_INTERVAL))
         try:
             check_loss(out.loss, out.f_scale)
         except ValueError as exc:
             raise FitSettingsError(f"fit: {exc} (set fit.loss / fit.f_scale or --loss / --f-scale)") from exc
+        if out.interval not in INTERVALS:
+            raise FitSettingsError(f"fit: interval = {out.interval!r} must be one of "
+                                   f"{list(INTERVALS)} (set fit.interval)")
         if out.n_boot < 0:
             raise FitSettingsError(f"fit: n_boot = {out.n_boot} must be >= 0 (set fit.n_boot or --n-boot)")
         return out
@@ -238,7 +275,7 @@ class FitRun:
         return "\n".join([
             summary[summary["view"].isin(main)].to_string(index=False),
             f"\nunified law ({s.loss} loss, weights {s.weights}; [95%] from {s.n_boot} "
-            "bootstrap replicates):",
+            f"{s.interval} bootstrap replicates):",
             brief.to_string(index=False),
             "\nvariance across subsets, Var = C/k and C(M-k)/(k(M-1)):",
             var.loc[var["view"].isin(main),
@@ -256,6 +293,7 @@ def run_fit(losses: pd.DataFrame, out_dir: str | os.PathLike, fit_config: Mappin
     into ``out_dir``."""
     settings = FitSettings.resolve(fit_config, **overrides)
     fits = fit_all(losses, views="all", weights=settings.weights, loss=settings.loss,
-                   f_scale=settings.f_scale, n_boot=settings.n_boot, seed=settings.seed)
+                   f_scale=settings.f_scale, n_boot=settings.n_boot, seed=settings.seed,
+                   interval=settings.interval)
     tables = write_fits(fits, out_dir)
     return FitRun(fits=fits, settings=settings, out_dir=Path(out_dir), tables=tables)
