@@ -1,0 +1,276 @@
+"""The quantities of Theorem 3.1 (PAPER Sec 3) on the sweep's own eval tokens.
+
+For task vectors v_i = theta_i - theta_0 (i = 1..M) and an expansion point
+theta_e = theta_0 + sum_i beta0_i v_i, per eval domain:
+
+* ``loss``  L(theta_e): response-only, token-weighted CE in nats per target token;
+* ``a_i``   g^T v_i, g the gradient of that loss at theta_e;
+* ``G_ij``  v_i^T H v_j, H the Gauss-Newton matrix of that loss at theta_e.
+
+With u_i = J v_i the directional derivative of the target-position logits (one forward-mode
+pass, ``torch.func.jvp`` through ``functional_call``) and p the softmax at theta_e, per target
+token t:  g^T v_i = p^T u_i - u_i[target]  and  v_i^T H v_j = sum_v p u_i u_j - (p^T u_i)(p^T u_j)
+(the CE Hessian in logit space is diag(p) - p p^T), each divided by the domain's target tokens.
+M experts cost M JVP passes (primal + tangent) over the eval tokens; sums accumulate in float64.
+``finite_difference_logits`` is the cross-check of u_i by a central difference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp, vmap
+
+from mergelaws.data import IGNORE, Example, length_batches, pad_batch
+
+
+@dataclass
+class DomainQuantities:
+    """Loss, a = (g^T v_i)_i and G = (v_i^T H v_j)_ij of one eval domain at one expansion point."""
+
+    domain: str
+    tokens: int
+    loss: float
+    a: np.ndarray  # (M,)
+    G: np.ndarray  # (M, M), symmetric PSD
+
+
+@dataclass
+class Expansion:
+    """Every domain's quantities at theta_0 + sum_i beta0_i v_i (``experts`` order the axes)."""
+
+    point: str  # "theta0", "center" (theta_0 + c mu) or a free label
+    experts: list[str]
+    beta0: np.ndarray  # (M,)
+    domains: dict[str, DomainQuantities]
+    seconds: float = 0.0
+    jvp_passes: int = 0  # one per (expert, batch)
+    forward_tokens: int = 0  # target tokens through the model, times passes
+    notes: list[str] = field(default_factory=list)
+
+    def macro(self) -> DomainQuantities:
+        """The all-domain mean (each domain weighs the same, as the cross_domain view)."""
+        ds = list(self.domains.values())
+        return DomainQuantities("macro", sum(d.tokens for d in ds), float(np.mean([d.loss for d in ds])),
+                                np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
+
+
+class eager_attention:
+    """Within the block, the model's attention is the eager implementation: forward-mode AD has
+    no rule for the fused SDPA kernels. Restored on exit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved = getattr(model.config, "_attn_implementation", None)
+
+    def __enter__(self):
+        if self.saved not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("eager")
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.saved not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(self.saved)
+        return False
+
+
+def target_logits_fn(model, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor):
+    """(params -> fp32 logits at the labelled target positions, targets) for one padded batch."""
+    mask = lab[:, 1:] != IGNORE
+    targets = lab[:, 1:][mask]
+
+    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(model, params, (), {"input_ids": ids, "attention_mask": att})
+        return out.logits[:, :-1][mask].float()
+
+    return f, targets
+
+
+def point_params(base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
+                 beta0) -> dict[str, torch.Tensor]:
+    """theta_0 + sum_i beta0_i v_i in fp32 (the order of ``vectors`` is the experts')."""
+    out = {}
+    for n, b in base.items():
+        t = b.detach().float().clone()
+        for w, v in zip(beta0, vectors):
+            if w:
+                t.add_(v[n], alpha=float(w))
+        out[n] = t
+    return out
+
+
+def gram_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
+            evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
+            point: str = "theta0", batch_tokens: int = 8192, device: str | torch.device = "cpu") -> Expansion:
+    """The quantities of every domain at theta_0 + sum_i beta0_i v_i (beta0 = 0: theta_0).
+
+    ``model``: a module of the base's architecture (its own weights are not used);
+    ``base`` / ``vectors``: fp32 tensors by ``float_state`` name (task vectors theta_i - theta_0)."""
+    M = len(vectors)
+    beta0 = np.zeros(M) if beta0 is None else np.asarray(beta0, dtype=float)
+    experts = list(experts or [f"e{i}" for i in range(M)])
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    params = {n: t.to(device) for n, t in point_params(base, vectors, beta0).items()}
+    tangents = [{n: v[n].to(device) for n in params} for v in vectors]
+    names = list(evalsets)
+    tagged = [Example(e.input_ids, e.labels) for d in names for e in evalsets[d]]
+    tag = {id(e): j for j, e in enumerate(tagged)}
+    owner = [j for j, d in enumerate(names) for _ in evalsets[d]]
+    D = len(names)
+    nll, n_tok, a, G = np.zeros(D), np.zeros(D, dtype=np.int64), np.zeros((D, M)), np.zeros((D, M, M))
+    passes = fwd = 0
+    with eager_attention(model):  # every domain's examples in one length-bucketed stream
+        for batch in length_batches(tagged, batch_tokens):
+            ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
+            f, targets = target_logits_fn(model, ids, att, lab)
+            if targets.numel() == 0:
+                continue
+            per_row = (lab[:, 1:] != IGNORE).sum(1).tolist()
+            rows = torch.tensor([owner[tag[id(e)]] for e, r in zip(batch, per_row) for _ in range(r)])
+            for j, (s, ab, Gb, n) in batch_terms(f, params, tangents, targets, rows).items():
+                nll[j], n_tok[j], a[j], G[j] = nll[j] + s, n_tok[j] + n, a[j] + ab, G[j] + Gb
+            passes += max(M, 1)
+            fwd += targets.numel() * max(M, 1)
+    out = {}
+    for j, d in enumerate(names):
+        n = max(int(n_tok[j]), 1)
+        out[d] = DomainQuantities(d, int(n_tok[j]), nll[j] / n if n_tok[j] else float("nan"), a[j] / n,
+                                  (G[j] + G[j].T) / (2 * n))
+    model.train(was_training)
+    return Expansion(point, experts, beta0, out, seconds=time.time() - t0, jvp_passes=passes, forward_tokens=fwd)
+
+
+def batch_terms(f, params: dict[str, torch.Tensor], tangents: list[dict[str, torch.Tensor]],
+                targets: torch.Tensor, rows: torch.Tensor | None = None, chunk: int = 16
+                ) -> dict[int, tuple[float, np.ndarray, np.ndarray, int]]:
+    """Per group of target rows (``rows``: a group id per target; default one group 0):
+    (summed NLL, sum_t (p^T u_i - u_i[target]), sum_t u_i^T (diag p - p p^T) u_j, targets) of one
+    batch. The tangents go through ``vmap`` in chunks of ``chunk`` (one primal, batched tangents)."""
+    M = len(tangents)
+    rows = torch.zeros(len(targets), dtype=torch.long) if rows is None else rows
+    with torch.no_grad():
+        logits = f(params)
+    logp = torch.log_softmax(logits, -1)
+    tok_nll = -logp.gather(1, targets[:, None])[:, 0].double()
+    U = []
+    for i in range(0, M, chunk):
+        part = tangents[i:i + chunk]
+        stacked = {n: torch.stack([t[n] for t in part]) for n in params}
+        U.append(vmap(lambda t: jvp(f, (params,), (t,))[1])(stacked).detach())
+    out = {}
+    if M:
+        U = torch.cat(U)  # (M, T, V)
+        p = logp.exp()
+        pu = (U * p).sum(-1).double()  # (M, T)
+        ga = pu - U.gather(2, targets[None, :, None].expand(M, -1, 1))[..., 0].double()
+        S = (U * p.sqrt()).double()  # (M, T, V)
+    for j in torch.unique(rows).tolist():
+        sel = rows == j
+        n = int(sel.sum())
+        if not M:
+            out[j] = (float(tok_nll[sel].sum()), np.zeros(0), np.zeros((0, 0)), n)
+            continue
+        Sj = S[:, sel].reshape(M, -1)
+        G = Sj @ Sj.T - pu[:, sel] @ pu[:, sel].T
+        out[j] = (float(tok_nll[sel].sum()), ga[:, sel].sum(1).cpu().numpy(), G.cpu().numpy(), n)
+    return out
+
+
+@torch.no_grad()
+def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]], betas,
+              evalsets: dict[str, list[Example]], *, pad_id: int, batch_tokens: int = 8192,
+              device: str | torch.device = "cpu") -> np.ndarray:
+    """Exact losses (points x domains, in ``evalsets`` order) at theta_0 + sum_i beta_i v_i for each
+    beta of ``betas``; the model's own weights are restored afterwards."""
+    from mergelaws.evaluate import target_nll
+
+    betas = [np.asarray(b, dtype=float) for b in betas]
+    out = np.zeros((len(betas), len(evalsets)))
+    was_training = model.training
+    model.eval()
+    live = dict(model.named_parameters())
+    saved = {n: live[n].detach().clone() for n in base}
+    for i, beta in enumerate(betas):
+        for n, t in point_params(base, vectors, beta).items():
+            live[n].copy_(t)
+        for j, examples in enumerate(evalsets.values()):
+            nll, tok = 0.0, 0
+            for batch in length_batches(examples, batch_tokens):
+                ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
+                s, k = target_nll(model, ids, att, lab)
+                nll += float(s)
+                tok += k
+            out[i, j] = nll / tok if tok else float("nan")
+    for n, t in saved.items():
+        live[n].copy_(t)
+    model.train(was_training)
+    return out
+
+
+def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
+                evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
+                point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu") -> Expansion:
+    """Loss and a = (g^T v_i) by one backward pass per domain, with G the weight-space Gram
+    (v_i^T v_j: H replaced by the identity) -- the cheap surrogate that a calibration rescales."""
+    from mergelaws.evaluate import target_nll
+
+    M = len(vectors)
+    beta0 = np.zeros(M) if beta0 is None else np.asarray(beta0, dtype=float)
+    t0 = time.time()
+    names = list(base)
+    flat = torch.stack([torch.cat([v[n].flatten() for n in names]) for v in vectors]).double() if M else None
+    gram = (flat @ flat.T).numpy() if M else np.zeros((0, 0))
+    live = dict(model.named_parameters())
+    saved = {n: live[n].detach().clone() for n in names}
+    with torch.no_grad():
+        for n, t in point_params(base, vectors, beta0).items():
+            live[n].copy_(t)
+    was_training = model.training
+    model.eval()
+    out, fwd = {}, 0
+    for d, examples in evalsets.items():
+        nll, n_tok = 0.0, 0
+        model.zero_grad(set_to_none=True)
+        for batch in length_batches(examples, batch_tokens):
+            ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
+            s, k = target_nll(model, ids, att, lab)
+            if not k:
+                continue
+            s.backward()
+            nll, n_tok, fwd = nll + float(s.detach()), n_tok + k, fwd + k
+        n = max(n_tok, 1)
+        g = torch.cat([(live[m].grad if live[m].grad is not None else torch.zeros_like(live[m])).flatten()
+                       for m in names]).double() / n
+        a = (flat @ g.cpu()).numpy() if M else np.zeros(0)
+        out[d] = DomainQuantities(d, n_tok, nll / n if n_tok else float("nan"), a, gram.copy())
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, t in saved.items():
+            live[n].copy_(t)
+    model.train(was_training)
+    return Expansion(point, list(experts or [f"e{i}" for i in range(M)]), beta0, out, seconds=time.time() - t0,
+                     forward_tokens=fwd, notes=["G is the weight-space Gram v_i^T v_j (H = identity)"])
+
+
+@torch.no_grad()
+def finite_difference_logits(model, params: dict[str, torch.Tensor], tangent: dict[str, torch.Tensor],
+                             example: Example, *, pad_id: int, eps: float = 1e-3) -> torch.Tensor:
+    """(logits(theta + eps v) - logits(theta - eps v)) / (2 eps) at the targets of one example."""
+    ids, att, lab = pad_batch([example], pad_id)
+    f, _ = target_logits_fn(model, ids, att, lab)
+    plus = {n: params[n] + eps * tangent[n] for n in params}
+    minus = {n: params[n] - eps * tangent[n] for n in params}
+    return (f(plus).double() - f(minus).double()) / (2 * eps)
+
+
+def jvp_logits(model, params: dict[str, torch.Tensor], tangent: dict[str, torch.Tensor], example: Example, *,
+               pad_id: int) -> torch.Tensor:
+    """J v at the targets of one example (forward mode)."""
+    ids, att, lab = pad_batch([example], pad_id)
+    f, _ = target_logits_fn(model, ids, att, lab)
+    return jvp(f, (params,), (tangent,))[1].detach()

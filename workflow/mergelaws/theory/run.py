@@ -1,0 +1,275 @@
+"""`mergelaws predict`: the merging curve of one size from its experts alone, by variant:
+
+* ``theta0``     the quadratic model at theta_0 (Gauss-Newton by JVPs);
+* ``center``     the quadratic model at theta_0 + c mu, the merge of all M (only v_i - mu enters);
+* ``calibrated`` ``center`` with the curvature of each expert's direction rescaled so that the
+                 model gives the exact losses of the M single-expert merges (M extra evaluations);
+* ``weights``    no JVP at all: loss and gradient at theta_0 + c mu (one backward pass), the
+                 weight-space Gram v_i^T v_j as curvature, calibrated the same way.
+
+Only linear merges (average, task_arithmetic) are predicted; other methods are listed as out of scope.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mergelaws.errors import ConfigError, MethodError
+from mergelaws.theory import predict as P
+from mergelaws.theory.quantities import DomainQuantities, Expansion, gradient_at, gram_at, losses_at
+
+VARIANTS = ("theta0", "center", "calibrated", "weights")
+PRED_COLUMNS = ["size", "params", "method", "variant", "k", "subset", "members", "eval_domain", "in_domain", "loss",
+                "status"]
+
+
+@dataclass
+class SizeInputs:
+    size: str
+    model: object
+    pad_id: int
+    base: dict
+    vectors: list
+    experts: list[str]
+    evalsets: dict
+    n_params: int
+    load_seconds: float
+
+
+@dataclass
+class VariantResult:
+    """One variant's per-domain quantities for one method, and what it cost."""
+
+    method: str
+    variant: str
+    beta0: np.ndarray
+    domains: dict[str, DomainQuantities]
+    seconds: float
+    forward_equivalents: float  # passes over the eval tokens, a JVP counted as 2
+    scales: dict[str, list[float]] = field(default_factory=dict)  # calibration s per domain
+
+
+def load_inputs(cfg: dict, size: str, expert_dirs: dict[str, str] | None = None, log=print) -> SizeInputs:
+    """The base, the task vectors (fp32) and the sweep's eval sets of one size."""
+    import torch
+
+    from mergelaws import grid, models, sweep
+
+    if size not in grid.sizes(cfg):
+        raise ConfigError(f"size '{size}' is not in the config's bases ({', '.join(grid.sizes(cfg))}); "
+                          f"pass one of them with --size")
+    t0 = time.time()
+    base_path = grid.base_dir(cfg, size)
+    tok = models.load_tokenizer(base_path)
+    model = models.load_model(base_path, "float32", "cpu", allow_bin=cfg["allow_bin_checkpoints"])
+    base = {n: p.detach().clone() for n, p in models.float_state(model).items()}
+    experts = grid.domains(cfg)
+    expert_dirs = expert_dirs or {d: grid.expert_dir(cfg, size, d) for d in experts}
+    vectors = []
+    for d in experts:
+        em = models.load_model(expert_dirs[d], "float32", "cpu", allow_bin=cfg["allow_bin_checkpoints"])
+        cuts = models.check_compatible(model, em, expert_dirs[d], allow_vocab_growth=True)
+        st = models.float_state(em)
+        vectors.append({n: (st[n].detach()[:cuts[n]] if n in cuts else st[n].detach()) - base[n] for n in base})
+        del em
+    with torch.no_grad():
+        evalsets = {d: enc.examples for d, enc in sweep.load_eval_sets(cfg, tok, log).items()}
+    return SizeInputs(size, model, tok.pad_token_id, base, vectors, experts, evalsets, models.count_params(model),
+                      time.time() - t0)
+
+
+def linear_methods(cfg: dict, methods: list[str] | None) -> tuple[list[str], list[str]]:
+    """(methods predicted, methods out of scope) among ``methods`` (default: the config's)."""
+    methods = methods or list(cfg["methods"])
+    unknown = [m for m in methods if m not in cfg["methods"]]
+    if unknown:
+        raise MethodError(f"method(s) {unknown} are not in the config's methods ({', '.join(cfg['methods'])})")
+    inside = [m for m in methods if m in P.LINEAR_METHODS]
+    if not inside:
+        raise MethodError(f"none of {methods} is a linear merge; `mergelaws predict` predicts average and "
+                          f"task_arithmetic only (Theorem 3.1 is exact for them)")
+    return inside, [m for m in methods if m not in P.LINEAR_METHODS]
+
+
+def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VARIANTS, log=print
+                     ) -> list[VariantResult]:
+    """Every requested variant for every linear method (theta_0's Gram is shared by the methods)."""
+    M, out, cache = len(inp.experts), [], {}
+    kw = dict(pad_id=inp.pad_id, experts=inp.experts, batch_tokens=cfg["eval"]["batch_tokens"])
+    tokens = sum(e.n_targets for ex in inp.evalsets.values() for e in ex)
+
+    def fe(x: Expansion) -> float:  # forward-equivalents: one primal + M tangents (x2) per pass
+        return (x.forward_tokens / max(M, 1) * (1 + 2 * M)) / tokens if x.jvp_passes else x.forward_tokens / tokens * 3
+
+    def get(key, fn):
+        if key not in cache:
+            t = time.time()
+            cache[key] = (fn(), time.time() - t)
+            log(f"predict {inp.size}: {key[0]} at {key[1]} in {cache[key][1]:.1f}s")
+        return cache[key]
+
+    for method in methods:
+        params = cfg["methods"][method]
+        beta_c = P.center_beta(method, params, M)
+        coef1 = P.coefficient(method, params, 1)
+        for v in variants:
+            if v == "theta0":
+                x, s = get(("gram", "theta0"), lambda: gram_at(inp.model, inp.base, inp.vectors, inp.evalsets,
+                                                                point="theta0", **kw))
+                out.append(VariantResult(method, v, x.beta0, x.domains, s, fe(x)))
+                continue
+            ck = f"center c={beta_c[0] * M:g}"
+            if v in ("center", "calibrated"):
+                x, s = get(("gram", ck), lambda: gram_at(inp.model, inp.base, inp.vectors, inp.evalsets,
+                                                          beta0=beta_c, point="center", **kw))
+            else:
+                x, s = get(("gradient", ck), lambda: gradient_at(inp.model, inp.base, inp.vectors, inp.evalsets,
+                                                                  beta0=beta_c, point="center", **kw))
+            res = VariantResult(method, v, beta_c, x.domains, s, fe(x))
+            if v in ("calibrated", "weights"):
+                k1, s1 = get(("k=1 losses", f"coef {coef1:g}"), lambda: losses_at(
+                    inp.model, inp.base, inp.vectors, coef1 * np.eye(M), inp.evalsets, pad_id=inp.pad_id,
+                    batch_tokens=cfg["eval"]["batch_tokens"]))
+                res.seconds += s1
+                res.forward_equivalents += M
+                doms = {}
+                for j, d in enumerate(inp.evalsets):
+                    doms[d], sc = P.calibrate(x.domains[d], beta_c, coef1, k1[:, j])
+                    res.scales[d] = sc.round(4).tolist()
+                res.domains = doms
+            out.append(res)
+    return out
+
+
+def predictions_table(cfg: dict, inp: SizeInputs, results: list[VariantResult]) -> pd.DataFrame:
+    """Every grid subset's predicted loss on every eval domain, by method and variant."""
+    from mergelaws import grid
+
+    rows = []
+    for r in results:
+        params = cfg["methods"][r.method]
+        for s in grid.subsets(cfg, inp.size):
+            d = P.subset_beta(s.members, inp.experts, P.coefficient(r.method, params, s.k)) - r.beta0
+            for dom, q in r.domains.items():
+                rows.append((inp.size, inp.n_params, r.method, r.variant, s.k, s.id, s.label, dom, dom in s.members,
+                             P.quadratic_loss(q, d), "ok"))
+    return pd.DataFrame(rows, columns=PRED_COLUMNS)
+
+
+def macro(domains: dict[str, DomainQuantities]) -> DomainQuantities:
+    ds = list(domains.values())
+    return DomainQuantities("macro", sum(d.tokens for d in ds), float(np.mean([d.loss for d in ds])),
+                            np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
+
+
+def summary(cfg: dict, inp: SizeInputs, results: list[VariantResult], out_of_scope: list[str]) -> dict:
+    """Per method and variant: the theorem's terms (macro), the exact finite-pool E[L|k] and the
+    variance across all k-subsets (cross_domain view); diagnostics of the task vectors."""
+    import torch
+
+    M = len(inp.experts)
+    flat = torch.stack([torch.cat([v[n].flatten() for n in inp.base]) for v in inp.vectors]).double()
+    mu = flat.mean(0)
+    norms = flat.norm(dim=1)
+    cos = (flat @ flat.T / torch.outer(norms, norms)).numpy()
+    diag = {"experts": inp.experts, "norm_mu": float(mu.norm()),
+            "trace_sigma": float(((flat - mu) ** 2).sum(1).mean()),
+            "norm_v": norms.numpy().round(6).tolist(), "cosine": cos.round(4).tolist()}
+    methods = {}
+    for r in results:
+        params = cfg["methods"][r.method]
+        c = P.coefficient(r.method, params, M) * M
+        q = macro(r.domains)
+        terms = P.theorem_terms(q, r.beta0, c)
+        ks = list(range(M + 1))
+        coefs = [P.coefficient(r.method, params, k) for k in ks]
+        entry = {"c": c, "seconds": round(r.seconds, 3), "forward_equivalents": round(r.forward_equivalents, 2),
+                 "L_expansion": q.loss, "theorem": asdict(terms),
+                 "expected": [P.expected_loss(q, r.beta0, cf, k) for k, cf in zip(ks, coefs)],
+                 "variance": [P.subset_variance(q, r.beta0, cf, inp.experts, k) if 0 < k < M else 0.0
+                              for k, cf in zip(ks, coefs)]}
+        if r.variant in ("theta0", "center"):
+            G = q.G
+            dg = np.sqrt(np.clip(np.diag(G), 1e-30, None))
+            entry["h_similarity"] = (G / np.outer(dg, dg)).round(4).tolist()
+        if r.scales:
+            entry["calibration_scales"] = r.scales
+        methods.setdefault(r.method, {})[r.variant] = entry
+    return {"size": inp.size, "params": inp.n_params, "M": M, "load_seconds": round(inp.load_seconds, 2),
+            "diagnostics": diag, "methods": methods,
+            "out_of_scope": {m: "not a linear merge: Theorem 3.1's quadratic model is exact for average and "
+                                "task_arithmetic only; TIES/DARE change mu, Sigma and their alignment with the "
+                                "curvature, which this command does not model" for m in out_of_scope}}
+
+
+def sweep_seconds(log_dir: str | Path, size: str, method: str) -> float | None:
+    """The sweep's own time for (size, method), summed over its shards' logs, else None."""
+    files = sorted(Path(log_dir, size, method).glob("*.log"))
+    total = None
+    for f in files:
+        m = re.findall(r"merges evaluated \(\d+ in the table\) in ([0-9.]+)s", f.read_text(errors="replace"))
+        if m:
+            total = (total or 0.0) + float(m[-1])
+    return total
+
+
+def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None = None, variants=VARIANTS,
+                losses: str | Path | None = None, sweep_logs: str | Path | None = None,
+                expert_dirs: dict[str, str] | None = None, log=print) -> dict:
+    """`mergelaws predict`: writes ``out`` (per-subset predictions, parquet), ``out``.json (summary)
+    and, given a losses table, ``<out>_compare.csv`` (+ .parquet) and ``<out>_compare.png``."""
+    from mergelaws import grid, io
+    from mergelaws.sweep import write_table
+    from mergelaws.theory import score as S
+
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    inside, outside = linear_methods(cfg, methods)
+    table = None
+    if losses is not None:
+        table = io.read_table(losses, "losses table", ["size", "method", "k", "subset", "eval_domain", "loss"],
+                              "pass the losses table `mergelaws aggregate` writes (results/losses.parquet)")
+    t0 = time.time()
+    inp = load_inputs(cfg, size, expert_dirs, log)
+    results = compute_variants(cfg, inp, inside, variants, log)
+    pred = predictions_table(cfg, inp, results)
+    summ = summary(cfg, inp, results, outside)
+    summ["seconds"] = round(time.time() - t0, 2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_table(pred, out)
+    if table is not None:
+        logs = Path(sweep_logs) if sweep_logs else grid.results_dir(cfg) / "logs" / "sweep"
+        secs = {m: sweep_seconds(logs, size, m) for m in inside}
+        scores = S.scores_frame(S.score(pred, table, summ, secs))
+        summ["scores"] = scores.to_dict(orient="records")
+        stem = out.with_suffix("")
+        write_table(scores, Path(f"{stem}_compare.parquet"), csv=True)
+        fig = S.figure(pred, table, size, Path(f"{stem}_compare.png"), method=inside[0])
+        for r in scores.itertuples():
+            log(f"predict {size}/{r.method}/{r.variant}: Spearman {r.spearman:.3f} (k>=2 {r.spearman_k2:.3f}), "
+                f"curve MAE {r.curve_mae:.4f}, drop {r.drop_predicted:.3f} vs {r.drop_measured:.3f} measured, "
+                f"variance ratio {r.variance_ratio:.2f}, {r.seconds:.1f}s = {r.compute_fraction:.1%} of the sweep")
+        if fig:
+            log(f"predict {size}: figure -> {fig}")
+    io.write_text(out.with_suffix(".json"), json.dumps(summ, indent=1, default=_jsonable) + "\n")
+    for m in outside:
+        log(f"predict {size}: {m} not predicted ({summ['out_of_scope'][m]})")
+    log(f"predict {size}: {len(pred)} predicted rows -> {out} (+ {out.with_suffix('.json').name})")
+    return summ
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(type(x).__name__)
