@@ -29,6 +29,7 @@ include: "rules/base.smk"
 include: "rules/train.smk"
 include: "rules/sweep.smk"
 include: "rules/fit.smk"
+include: "rules/theory.smk"
 
 
 rule all:
@@ -38,6 +39,9 @@ rule all:
         EXPERTS,
         LOSSES,
         FITS,
+        MULTITASK,
+        COMPUTE,
         PLAN,
         FIGURES,
+        THEORY,
     default_target: True

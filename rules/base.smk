@@ -13,6 +13,8 @@ rule tokenizer:
         domains=CFG["domains"],
     log:
         f"{RESULTS}/logs/tokenizer.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenizer.tsv"
     conda:
         TORCH_ENV
     shell:
@@ -38,6 +40,8 @@ rule pretrain:
         gpu=res("pretrain", "gpu", 0),
     log:
         f"{RESULTS}/logs/pretrain/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{size}}.tsv"
     conda:
         TORCH_ENV
     shell:
@@ -64,6 +68,8 @@ rule convert:
         gpu=res("convert", "gpu", 0),
     log:
         f"{RESULTS}/logs/convert/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/convert/{{size}}.tsv"
     conda:
         TORCH_ENV
     shell:

@@ -74,6 +74,26 @@ EXPERTS = [f for s in SIZES for d in DOMAINS for f in grid.expert_input(CFG, s, 
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
 PLAN = [f"{RESULTS}/plan.md", f"{RESULTS}/plan.json"]
+# the multitask reference (multitask.enabled): one model and one losses table per size
+MULTITASK = (
+    [f"{RESULTS}/multitask/{s}/losses.parquet" for s in SIZES] if CFG["multitask"]["enabled"] else []
+)
+# the compute ledger: the benchmark files of every job that runs before the plan
+BENCH = f"{RESULTS}/benchmarks"
+BENCHMARKS = (
+    [f"{BENCH}/train/{s}/{d}.tsv" for s in SIZES for d in DOMAINS if not grid.is_own_expert(CFG, s, d)]
+    + [f"{BENCH}/multitask/{s}.tsv" for s in SIZES if MULTITASK]
+    + [f"{BENCH}/sweep/{s}/{m}/{sh}.tsv" for s in SIZES for m in METHODS for sh in grid.shards(CFG, s)]
+    + [f"{BENCH}/aggregate.tsv", f"{BENCH}/fit.tsv"]
+)
+COMPUTE = f"{RESULTS}/compute.csv"
+# Theorem 3.1's predicted curves (theory.enabled; rules/theory.smk), read by the plan
+THEORY = (
+    [f"{RESULTS}/theory/{s}{ext}" for s in SIZES for ext in (".parquet", ".json", "_compare.csv")]
+    if CFG.get("theory", {}).get("enabled", False)
+    else []
+)
+THEORY_COMPARE = [f for f in THEORY if f.endswith("_compare.csv")]
 FIGURE_KINDS = ("loss_vs_k", "variance_vs_k")
 FIGURE_VIEWS = ("in_domain", "cross_domain")
 FIGURES = [
@@ -89,6 +109,22 @@ FIGURES += [
     + ("fig5_methods", "fig7_forecast")
     for ext in ("png", "pdf")
 ]
+# the further analyses and their tables (mergelaws.plots.more_outputs): pool size (Fig 6),
+# ΔL(k) (Fig 9b), every subset per method (13-15), per-domain grids per method (16-19),
+# synergy (21), CE vs N per k (22)
+_V = CFG["fit"]["view"].replace(":", "-")
+FIGURES += [
+    f"{RESULTS}/figures/{stem}.{ext}"
+    for stem in [f"fig6_pool_size_{_V}", f"fig9b_gain_{_V}"]
+    + [f"fig13_scatter_{m}_{_V}" for m in sorted(METHODS)]
+    + [f"fig16_domains_{m}" for m in sorted(METHODS)]
+    + ["fig21_synergy", f"fig22_ce_vs_N_{_V}"]
+    for ext in ("png", "pdf")
+]
+FIGURES += [f"{RESULTS}/figures/{t}.{ext}" for t in (f"pool_size_{_V}", "synergy") for ext in ("parquet", "csv")]
+# Fig 2: merging vs the multitask model, per domain, with the compute of each
+if CFG["multitask"]["enabled"]:
+    FIGURES += [f"{RESULTS}/figures/fig2_multitask.{ext}" for ext in ("png", "pdf")]
 
 
 def figure_outputs():

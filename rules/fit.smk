@@ -15,6 +15,8 @@ rule fit:
         out=lambda wc, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/fit.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fit.tsv"
     conda:
         FIT_ENV
     shell:
@@ -25,6 +27,8 @@ rule figures:
     input:
         losses=LOSSES[0],
         fits=FITS[0],
+        compute=COMPUTE,
+        multitask=MULTITASK,
     output:
         figure_outputs(),
     params:
@@ -32,17 +36,37 @@ rule figures:
         out=lambda wc, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/figures.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures.tsv"
     conda:
         FIT_ENV
     shell:
         "mergelaws figures --config {params.config} --losses {input.losses} --fits {input.fits} "
-        "--out {params.out} 2>&1 | tee {log}"
+        "--compute {input.compute} --multitask {input.multitask} --out {params.out} 2>&1 | tee {log}"
+
+
+rule compute:
+    input:
+        BENCHMARKS,
+    output:
+        COMPUTE,
+    log:
+        f"{RESULTS}/logs/compute.log",
+    benchmark:
+        f"{BENCH}/compute.tsv"
+    conda:
+        FIT_ENV
+    shell:
+        "mergelaws compute {input} --out {output} 2>&1 | tee {log}"
 
 
 rule plan:
     input:
         losses=LOSSES[0],
         fits=FITS[0],
+        compute=COMPUTE,
+        multitask=MULTITASK,
+        theory=THEORY_COMPARE,
     output:
         report(PLAN[0], caption="../report/plan.rst", category="Plan"),
         PLAN[1],
@@ -52,8 +76,11 @@ rule plan:
         out=lambda wc, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/plan.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/plan.tsv"
     conda:
         FIT_ENV
     shell:
         "mergelaws plan {input.losses} --fits {input.fits} --config {params.config} "
+        "--compute {input.compute} --multitask {input.multitask} --theory {input.theory} "
         "--out {params.out} 2>&1 | tee {log}"

@@ -24,6 +24,8 @@ rule sweep:
         gpu=res("sweep", "gpu", 0),
     log:
         f"{RESULTS}/logs/sweep/{{size}}/{{method}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sweep/{{size}}/{{method}}/{{shard}}.tsv"
     conda:
         TORCH_ENV
     shell:
@@ -39,6 +41,8 @@ rule aggregate:
         csv=LOSSES[1],
     log:
         f"{RESULTS}/logs/aggregate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/aggregate.tsv"
     conda:
         TORCH_ENV
     shell:

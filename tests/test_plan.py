@@ -204,9 +204,12 @@ def test_plan_reports_fit_choice_variance_unified_and_holdout(tmp_path):
     t = realistic_losses()
     fits = laws.fit_all(t, views=["cross_domain"], loss="huber", n_boot=8)
     choice = P.fit_choice(fits)
-    assert choice == {"weights": "k", "loss": "huber", "f_scale": None}
+    assert choice == {"weights": "k", "loss": "huber", "f_scale": None, "interval": "parametric"}
     assert P.fit_choice(fits, loss="linear")["loss"] == "linear"
-    assert P.fit_choice(None) == {"weights": "k", "loss": "linear", "f_scale": None}
+    assert P.fit_choice(None) == {"weights": "k", "loss": "linear", "f_scale": None, "interval": "parametric"}
+    assert P.fit_choice(laws.fit_all(t, views=["cross_domain"], n_boot=2, interval="subsets"))["interval"] == "subsets"
+    with pytest.raises(ValueError):
+        P.fit_choice(None, interval="jackknife")
     with pytest.raises(ValueError):
         P.fit_choice(None, loss="huber", f_scale=-2.0)
     md_path, js_path = P.write_plan(t, fits, tmp_path / "plan", n_boot=20)
@@ -337,3 +340,20 @@ def test_plan_cli_takes_n_boot_from_the_config(tmp_path):
     assert main(["plan", str(tmp_path / "losses.parquet"), "--out", str(tmp_path / "p"),
                  "--config", str(tmp_path / "config.yaml"), "--n-boot", "5"]) in (0, None)
     assert json.loads((tmp_path / "p" / "plan.json").read_text())["settings"]["n_boot"] == 5
+
+
+def test_plan_reports_the_theory_scores_it_is_given(tmp_path):
+    t = _small_grid(9, per_k=2)
+    th = pd.DataFrame([
+        {"size": "m", "method": "average", "variant": "center", "spearman": 0.99, "spearman_k2": 0.98,
+         "curve_mae": 0.01, "drop_measured": 0.25, "drop_predicted": 0.27, "A_fit_pred": 0.3, "A_fit_meas": 0.3,
+         "L_inf_fit_pred": 3.4, "L_inf_fit_meas": 3.4, "variance_ratio": 1.2, "compute_fraction": 0.5},
+        {"size": "m", "method": "average", "variant": "theta0", "spearman": 0.93, "spearman_k2": 0.9,
+         "curve_mae": 0.1, "drop_measured": 0.25, "drop_predicted": 0.47, "A_fit_pred": 0.9, "A_fit_meas": 0.3,
+         "L_inf_fit_pred": 3.4, "L_inf_fit_meas": 3.4, "variance_ratio": 27.0, "compute_fraction": 0.6}])
+    P.write_plan(t, None, tmp_path, n_boot=0, theory=th)
+    md = (tmp_path / "plan.md").read_text()
+    assert "## Predicted from the experts alone (Theorem 3.1)" in md
+    assert "1 of 2 rows reach Spearman ≥ 0.95 with the drop within 15% (variants: center)." in md
+    assert "| m | average | theta0 | 0.930 (0.900) | 0.1000 | 0.470 / 0.250 |" in md
+    assert len(json.loads((tmp_path / "plan.json").read_text())["theory"]) == 2

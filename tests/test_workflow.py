@@ -111,6 +111,31 @@ def test_fits_and_figures(run):
                 assert (work / "results" / "figures" / f"{kind}_{view}.{ext}").stat().st_size > 1000
 
 
+def test_multitask_reference_and_compute_ledger(run):
+    """Rule multitask trains and scores one model per size; every job's benchmark file lands in
+    compute.csv; the plan says at which k merging matches the multitask model, at what compute."""
+    import json
+
+    root, work, cfgfile, cfg = run
+    res = work / "results"
+    for size in cfg["bases"]:
+        t = pd.read_parquet(res / "multitask" / size / "losses.parquet")
+        assert sorted(t["eval_domain"]) == sorted(DOMAINS) and (t["method"] == "multitask").all()
+        assert t["loss"].notna().all() and (res / "multitask" / size / "model" / "config.json").exists()
+    ledger = pd.read_csv(res / "compute.csv", keep_default_na=False)
+    counts = ledger["rule"].value_counts().to_dict()
+    n = len(cfg["bases"])
+    assert counts["train"] == n * len(DOMAINS) and counts["multitask"] == n
+    assert counts["sweep"] == n * len(cfg["methods"]) and counts["fit"] == 1
+    assert (ledger["s"] > 0).all()
+    plan = json.loads((res / "plan.json").read_text())
+    assert plan["settings"]["costs_measured"] and "seconds" in plan["settings"]["cost_unit"]
+    vs = plan["versus_multitask"]
+    assert {r["size"] for r in vs} == set(cfg["bases"]) and all(r["view"] == "cross_domain" for r in vs)
+    assert all(r["cost_multitask_s"] > 0 and r["fraction_merge_only"] > 0 for r in vs)
+    assert "## Merging vs the multitask model" in (res / "plan.md").read_text()
+
+
 def test_rerun_is_noop_and_deleting_an_expert_reruns_only_dependents(run):
     root, work, cfgfile, cfg = run
     import shutil

@@ -77,6 +77,20 @@ def cmd_train(args) -> None:
           f"in {rec['seconds']}s -> {args.out}")
 
 
+def cmd_multitask(args) -> None:
+    from mergelaws import multitask
+
+    _threads(args.threads)
+    multitask.run(_cfg(args), args.size, args.out, args.table)
+
+
+def cmd_compute(args) -> None:
+    from mergelaws import compute
+
+    t = compute.write_ledger(args.benchmarks, args.root, args.out)
+    print(f"{len(t)} jobs, {t['s'].sum():.0f} s of wall time in all -> {args.out}")
+
+
 def cmd_sweep(args) -> None:
     from mergelaws import sweep
 
@@ -100,7 +114,7 @@ def cmd_fit(args) -> None:
     losses = io.read_table(args.losses)
     try:
         run = run_fit(losses, args.out, cfg["fit"] if cfg else None, weights=args.weights, loss=args.loss,
-                      f_scale=args.f_scale, n_boot=args.n_boot, seed=args.seed)
+                      f_scale=args.f_scale, n_boot=args.n_boot, seed=args.seed, interval=args.interval)
     except FitSettingsError as exc:
         raise ConfigError(str(exc)) from exc
     print(run.report())
@@ -116,12 +130,28 @@ def cmd_figures(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = view_table(losses)
+    mt = costs = None
+    if args.multitask:
+        from mergelaws import multitask
+
+        mt = multitask.read_tables(args.multitask)
+    if args.compute:
+        from mergelaws import compute
+
+        ledger = io.read_table(args.compute, what="compute ledger", columns=compute.COLUMNS,
+                               fix="pass the compute.csv the workflow's compute step writes")
+        costs = compute.unit_costs(ledger, losses)
+    ref = plots.multitask_reference(mt)
     made = []
     for view in ("in_domain", "cross_domain"):
-        made += plots.plot_loss_vs_k(table, fits, view, out / f"loss_vs_k_{view}")
+        made += plots.plot_loss_vs_k(table, fits, view, out / f"loss_vs_k_{view}",
+                                     reference=ref if view == "cross_domain" else None)
         made += plots.plot_variance_vs_k(table, view, out / f"variance_vs_k_{view}", fits=fits)
     headline = cfg["fit"]["view"]
     made += plots.paper_figures(losses, fits, out, view=headline)  # the paper's figures, analogues
+    made += plots.more_figures(losses, fits, out, view=headline)  # Figs 6, 9b, 13-22 + their tables
+    if mt is not None and len(mt):  # Fig 2: per-domain radar against the multitask model, its compute
+        made += plots.plot_radar(losses, mt, out / "fig2_multitask", costs=costs)
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
 
 
@@ -134,9 +164,31 @@ def cmd_plan(args) -> None:
     fit_cfg = _cfg(args, resolve_methods=False)["fit"] if args.config else {}
     view = args.view or fit_cfg.get("view", "cross_domain")
     n_boot = args.n_boot if args.n_boot is not None else fit_cfg.get("n_boot", 200)
+    interval = args.interval or (None if fits else fit_cfg.get("interval"))  # else the fits file's
     seed = args.seed if args.seed is not None else fit_cfg.get("seed", 0)
-    for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps,
-                             view=view, n_boot=n_boot, seed=seed):
+    costs = measured = None
+    if args.compute:
+        from mergelaws import compute
+
+        ledger = io.read_table(args.compute, what="compute ledger", columns=compute.COLUMNS,
+                               fix="pass the compute.csv the workflow's compute step writes")
+        measured = compute.unit_costs(ledger, losses)
+        costs = {s: c for s, c in measured.items() if "expert" in c and "merge" in c} or None
+    mt = None
+    if args.multitask:
+        from mergelaws import multitask
+
+        mt = multitask.read_tables(args.multitask)
+    theory = None
+    if args.theory:
+        import pandas as pd
+
+        theory = pd.concat([io.read_table(f, what="theory comparison", columns=plan.THEORY_COLUMNS,
+                                          fix="pass the <size>_compare.csv `mergelaws predict` writes")
+                            for f in args.theory], ignore_index=True)
+    for p in plan.write_plan(losses, fits, args.out, targets=args.target, eps=args.eps, costs=costs,
+                             view=view, n_boot=n_boot, seed=seed, multitask=mt, measured_costs=measured,
+                             theory=theory, interval=interval):
         print(p)
 
 
@@ -153,6 +205,29 @@ def cmd_eval(args) -> None:
     evaluate_files(args.model, args.data, args.out, max_len=args.max_len, batch_tokens=args.batch_tokens,
                    max_examples=args.max_examples, device=args.device, allow_bin=args.allow_bin,
                    system_prompt=None if args.no_system_prompt else args.system_prompt, dtype=args.dtype)
+
+
+def cmd_predict(args) -> None:
+    from mergelaws.theory import VARIANTS, run_predict
+
+    _threads(args.threads)
+    run_predict(_cfg(args), args.size, args.out, methods=args.method or None,
+                variants=args.variant or list(VARIANTS), losses=args.losses, sweep_logs=args.sweep_logs)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict the merging curve from the experts alone (Theorem 3.1) and "
+                                       "score it against a losses table")
+    p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+    p.add_argument("--size", required=True)
+    p.add_argument("--out", required=True, help="results/theory/<size>.parquet (+ .json, _compare.csv/.png)")
+    p.add_argument("--method", action="append", help="a linear method to predict; repeatable (default: all)")
+    p.add_argument("--variant", action="append", choices=["theta0", "center", "calibrated", "weights"],
+                   help="repeatable (default: all)")
+    p.add_argument("--losses", help="measured losses table to score against (results/losses.parquet)")
+    p.add_argument("--sweep-logs", help="sweep logs folder for the compute fraction (default: <results>/logs/sweep)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(fn=cmd_predict)
 
 
 def cmd_merge(args) -> None:
@@ -207,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_eval(sub)
     _add_merge(sub)
+    _add_predict(sub)
 
     def add(name, fn, help_, config=True):
         p = sub.add_parser(name, help=help_)
@@ -239,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
+    p = add("multitask", cmd_multitask, "train the multitask reference model of a size on all domains and "
+            "evaluate it on every domain")
+    p.add_argument("--size", required=True)
+    p.add_argument("--out", required=True, help="the model directory")
+    p.add_argument("--table", required=True, help="its losses table (parquet; the sweep's columns)")
+    p.add_argument("--threads", type=int)
+    p = add("compute", cmd_compute, "the compute ledger: Snakemake benchmark files -> compute.csv", config=False)
+    p.add_argument("benchmarks", nargs="+", help="benchmark TSV files, <root>/<rule>/<wildcards...>.tsv")
+    p.add_argument("--root", help="the benchmarks directory (default: the files' ancestor named 'benchmarks')")
+    p.add_argument("--out", required=True)
     p = add("sweep", cmd_sweep, "merge + evaluate every subset for one (size, method)")
     p.add_argument("--size", required=True)
     p.add_argument("--method", required=True)
@@ -256,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["linear", "huber"], help="least squares or Huber (default: fit.loss)")
     p.add_argument("--f-scale", type=float, help="Huber threshold in loss units (default: fit.f_scale; automatic)")
     p.add_argument("--n-boot", type=int, help="bootstrap replicates for the unified law (default: fit.n_boot)")
+    p.add_argument("--interval", choices=["parametric", "subsets"],
+                   help="how the bootstrap draws replicates (default: fit.interval, parametric)")
     p.add_argument("--seed", type=int, help="bootstrap seed (default: fit.seed)")
     p = add("plan", cmd_plan, "planning answers from the fitted laws (plan.md + plan.json)", config=False)
     p.add_argument("losses")
@@ -265,10 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, help="target loss (default: per size, midway to the floor)")
     p.add_argument("--eps", type=float, default=0.01, help="marginal gain threshold (nats/token)")
     p.add_argument("--view", help="view to plan on (default: fit.view from --config, else cross_domain)")
+    p.add_argument("--compute", help="the compute ledger (compute.csv): measured costs instead of cost ∝ params")
+    p.add_argument("--multitask", nargs="*", default=[],
+                   help="the multitask model's losses tables: at which k merging matches it")
+    p.add_argument("--theory", nargs="*", default=[],
+                   help="`mergelaws predict`'s <size>_compare.csv tables: the predicted curve's scores")
     p.add_argument("--n-boot", type=int, help="bootstrap replicates for the intervals; 0 = none "
                    "(default: fit.n_boot from --config, else 200)")
     p.add_argument("--seed", type=int, help="bootstrap seed (default: fit.seed from --config, else 0)")
+    p.add_argument("--interval", choices=["parametric", "subsets"],
+                   help="how the bootstrap draws replicates (default: the fits file's, else fit.interval)")
     p = add("figures", cmd_figures, "draw the figures")
+    p.add_argument("--multitask", nargs="*", default=[], help="the multitask model's losses tables")
+    p.add_argument("--compute", help="the compute ledger (compute.csv), for Fig 2's compute panel")
     p.add_argument("--losses", required=True)
     p.add_argument("--fits", required=True)
     p.add_argument("--out", required=True)

@@ -714,10 +714,12 @@ def ckpt_dir_for(out: str | Path) -> Path:
 
 
 def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, seed: int,
-                 echo=None) -> dict:
+                 echo=None, domains: list[str] | None = None) -> dict:
     """Fine-tune one expert with OpenRLHF; write it atomically to ``out``; return its record.
 
-    The size's own train settings (``bases.<size>.train``) apply, as in the torch backend."""
+    The size's own train settings (``bases.<size>.train``) apply, as in the torch backend.
+    ``domains`` (``domain`` then a label such as "multitask"): train on the union of their train
+    splits, for the same epochs as an expert (so as many examples as all their experts together)."""
     cfg = {**cfg, "train": grid.train_settings(cfg, size)}
     o = settings(cfg)
     out = Path(out).absolute()
@@ -734,7 +736,8 @@ def train_expert(cfg: dict, size: str, domain: str, base: str, out: str | Path, 
     tok = models.load_tokenizer(base)
     chat = D.has_chat_template(tok)
     system = system_prompt(cfg, tok)
-    pairs = domain_pairs(cfg, domain)
+    pairs = ([p for d in domains for p in domain_pairs(cfg, d)] if domains is not None
+             else domain_pairs(cfg, domain))
     mask = check_loss_mask(tok, pairs, system, limit=o["mask_check_examples"])
     lengths = length_stats(tok, pairs, system, cfg["train"]["max_len"], limit=o["mask_check_examples"])
 

@@ -109,17 +109,39 @@ def pretrain(cfg: dict, size: str, out: str | Path, tokenizer_path: str | Path, 
 
 # ---- experts -------------------------------------------------------------------------------
 
-def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | Path, log=print) -> dict:
+def union_train_set(cfg: dict, domains: list[str], tokenizer, max_len: int,
+                    limit: int | None = None) -> D.Encoded:
+    """The train splits of ``domains`` as one set (each domain's examples in file order, domains
+    in config order; the trainer's seeded shuffle mixes them, so each domain weighs in
+    proportion to its examples), with the truncation counts summed."""
+    parts = [D.load_domain(cfg, d, "train", tokenizer, max_len, limit=limit) for d in domains]
+    return D.Encoded(examples=[e for p in parts for e in p.examples],
+                     truncated=sum(p.truncated for p in parts), skipped=sum(p.skipped for p in parts),
+                     stats={d: p.stats for d, p in zip(domains, parts)})
+
+
+def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | Path, log=print,
+                       *, domains: list[str] | None = None, steps: int | None = None,
+                       kind: str = "expert") -> dict:
     """Fine-tune one expert from its base (fp32 master weights; bf16 autocast on a GPU by default),
     loss on the assistant turns rendered by the base's chat template; saved in the base's storage
-    dtype, so an expert of a bf16 base is a bf16 checkpoint like the base."""
+    dtype, so an expert of a bf16 base is a bf16 checkpoint like the base.
+
+    ``domains`` (with ``domain`` a label, e.g. "multitask"): train on the union of their train
+    splits instead, for ``steps`` steps (default train.steps) — the multitask reference model
+    (:mod:`mergelaws.multitask`), same trainer and settings as the experts."""
     t = grid.train_settings(cfg, size)
+    if steps is not None:
+        t["steps"] = int(steps)
     device = models.resolve_device(t["device"])
     on_gpu = device.startswith("cuda")
     tok = models.load_tokenizer(base)
     model = models.load_model(base, "float32", device, allow_bin=cfg["allow_bin_checkpoints"])
-    enc = D.load_domain(cfg, domain, "train", tok, t["max_len"], limit=t["max_examples"])
-    log(f"expert {size}/{domain}: {len(enc.examples)} training examples, {enc.truncated} truncated to "
+    if domains is None:
+        enc = D.load_domain(cfg, domain, "train", tok, t["max_len"], limit=t["max_examples"])
+    else:
+        enc = union_train_set(cfg, domains, tok, t["max_len"], limit=t["max_examples"])
+    log(f"{kind} {size}/{domain}: {len(enc.examples)} training examples, {enc.truncated} truncated to "
         f"max_len={t['max_len']} tokens, {enc.skipped} skipped (no response token left)"
         + ("" if not enc.truncated else "; raise train.max_len (or bases.<size>.train.max_len) to keep them whole"))
     dtype = t["dtype"] if t["dtype"] != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -132,13 +154,14 @@ def train_expert_torch(cfg: dict, size: str, domain: str, base: str, out: str | 
     t0 = time.time()
     losses = train_loop(model, enc.examples, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
                         warmup_ratio=t["warmup_ratio"], weight_decay=t["weight_decay"], seed=seed,
-                        pad_id=tok.pad_token_id, device=device, desc=f"expert {size}/{domain}",
+                        pad_id=tok.pad_token_id, device=device, desc=f"{kind} {size}/{domain}",
                         autocast_dtype=autocast)
     if checkpointing:
         model.gradient_checkpointing_disable()
         model.config.use_cache = True
     store = models.storage_dtype(base)
     record = {"size": size, "domain": domain, "base": str(base), "backend": "torch", "train": t,
+              **({"domains": list(domains)} if domains is not None else {}),
               "system_prompt": cfg.get("system_prompt"), "compute_dtype": dtype,
               "gradient_checkpointing": bool(checkpointing), "storage_dtype": store,
               "seed": seed, "data": enc.stats, "loss_first": losses[0],

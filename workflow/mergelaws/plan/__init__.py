@@ -43,10 +43,18 @@ from mergelaws.plan.answers import (
     law_value,
     three_point_forecast,
 )
-from mergelaws.plan.build import auto_targets, build_plan, fit_choice, unified_rows, variance_rows
+from mergelaws.plan.build import (
+    THEORY_COLUMNS,
+    auto_targets,
+    build_plan,
+    fit_choice,
+    unified_rows,
+    variance_rows,
+)
 from mergelaws.plan.markdown import render_markdown
 
 __all__ = [
+    "THEORY_COLUMNS",
     "law_value",
     "experts_needed",
     "k_epsilon",

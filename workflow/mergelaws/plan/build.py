@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 
 from mergelaws.laws import (
+    DEFAULT_INTERVAL,
     HUBER_TUNING,
     PARAMS,
     UNIFIED_PARAMS,
     Fits,
     as_fits,
     bootstrap_draws,
+    check_interval,
     check_loss,
     fit_unified,
     fit_variance,
@@ -26,7 +28,6 @@ from mergelaws.laws import (
     summarise_draws,
     view_table,
 )
-
 from mergelaws.plan.answers import (
     best_for_budget,
     cheapest_for_target,
@@ -39,6 +40,7 @@ from mergelaws.plan.answers import (
     law_value,
     three_point_forecast,
 )
+from mergelaws.plan.versus import versus_rows
 
 # --------------------------------------------------------------------------------------
 # The plan
@@ -56,6 +58,12 @@ def auto_targets(table: pd.DataFrame, laws: Mapping[tuple[str, str], Mapping],
             continue
         out[str(size)] = float((m1.iloc[0] + law["L_inf"]) / 2.0)
     return out
+
+
+# the columns of `mergelaws predict`'s comparison table the plan reports
+THEORY_COLUMNS = ["size", "method", "variant", "spearman", "spearman_k2", "curve_mae", "drop_measured", "drop_predicted",
+                  "A_fit_pred", "A_fit_meas", "L_inf_fit_pred", "L_inf_fit_meas", "variance_ratio",
+                  "compute_fraction"]
 
 
 def _laws_from_fits(fits: Fits | None, view: str) -> dict[tuple[str, str], dict]:
@@ -91,14 +99,16 @@ def _pct(v: np.ndarray, q: float):
 
 
 def fit_choice(fits: Fits | Mapping | None, weights: str | None = None, loss: str | None = None,
-               f_scale: float | None = None) -> dict:
-    """The weights / loss the plan fits with: given values, else the fits file's settings,
-    else the defaults (weights "k", least squares)."""
+               f_scale: float | None = None, interval: str | None = None) -> dict:
+    """The weights / loss / bootstrap interval the plan fits with: given values, else the fits
+    file's settings, else the defaults (weights "k", least squares, parametric intervals)."""
     fits = as_fits(fits)
     st = fits.settings if fits else {}
     out = {"weights": weights or st.get("weights") or "k",
            "loss": loss or st.get("loss") or "linear",
-           "f_scale": f_scale if f_scale is not None else st.get("f_scale")}
+           "f_scale": f_scale if f_scale is not None else st.get("f_scale"),
+           "interval": interval or (st.get("bootstrap") or {}).get("interval") or DEFAULT_INTERVAL}
+    check_interval(out["interval"])
     check_loss(out["loss"], out["f_scale"])
     return out
 
@@ -167,10 +177,17 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
                seed: int = 0, reference_method: str | None = None, merge_fraction: float = 0.1,
                budgets: Sequence[float] | None = None, k_max: int | None = None,
                weights: str | None = None, loss: str | None = None,
-               f_scale: float | None = None) -> dict:
-    """Everything in the plan, as a JSON-serialisable dict (see ``write_plan``)."""
+               f_scale: float | None = None, multitask: pd.DataFrame | None = None,
+               measured_costs: Mapping[str, Mapping] | None = None,
+               theory: pd.DataFrame | None = None, interval: str | None = None) -> dict:
+    """Everything in the plan, as a JSON-serialisable dict (see ``write_plan``).
+
+    ``multitask``: the multitask reference's rows (:mod:`mergelaws.multitask`), for the merging
+    vs multitask answers; ``measured_costs``: per size, measured seconds (``expert``, ``merge``,
+    ``multitask``; :func:`mergelaws.compute.unit_costs`), for their compute fractions. When
+    ``costs`` is given too it is taken as measured (the budget's unit is then seconds)."""
     fits = as_fits(fits)
-    choice = fit_choice(fits, weights, loss, f_scale)
+    choice = fit_choice(fits, weights, loss, f_scale, interval)
     table = view_table(losses, [view])
     if table.empty:
         raise ValueError(f"no rows for view {view!r}")
@@ -189,7 +206,7 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
     n_boot = int(n_boot)
     points, draws = bootstrap_draws(losses, view, n_boot=max(n_boot, 1), seed=seed,
                                     weights=choice["weights"], loss=choice["loss"],
-                                    f_scale=choice["f_scale"])
+                                    f_scale=choice["f_scale"], interval=choice["interval"])
     if n_boot < 1:  # the point fits only: no intervals
         draws = draws.iloc[0:0]
     boot = summarise_draws(points, draws)
@@ -297,15 +314,38 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
         budgets = [M * cst[mid]["expert"] + cst[mid]["merge"]]
     affordable = [best_for_budget(ref_laws, cst, float(B), k_cap) for B in budgets]
 
+    versus = []
+    if multitask is not None and len(multitask):
+        # like for like: the multitask model's macro mean over all domains against views that
+        # also average every domain (not in_domain, a subset's own domains, nor held_out)
+        vt, vl, vd = {}, {}, {}
+        if view not in ("in_domain", "held_out"):
+            vt, vl, vd = {view: table}, {view: laws}, {view: draws}
+        other = "cross_domain"
+        t2 = view_table(losses, [other]) if other not in vt else pd.DataFrame()
+        if not t2.empty:
+            p2, d2 = bootstrap_draws(losses, other, n_boot=max(n_boot, 1), seed=seed,
+                                     weights=choice["weights"], loss=choice["loss"],
+                                     f_scale=choice["f_scale"], interval=choice["interval"])
+            l2 = _laws_from_fits(fits, other)
+            for _, p in p2[p2["converged"].astype(bool)].iterrows():
+                l2.setdefault((p["size"], p["method"]), {"L_inf": p["L_inf"], "A": p["A"], "b": p["b"]})
+            vt[other], vl[other], vd[other] = t2, l2, d2.iloc[0:0] if n_boot < 1 else d2
+        versus = versus_rows(multitask, vt, vl, vd, measured_costs, M, pool)
+
     cmp = compare_methods(values)
     plan = {
         "settings": {"view": view, "eps": eps, "M": M, "pool": pool, "measured_k": measured_k,
                      "k_max": k_cap, "n_boot": n_boot,
                      "weights": choice["weights"], "loss": choice["loss"],
                      "f_scale": choice["f_scale"], "fit_choice": _describe_fit_choice(choice),
+                     "interval": choice["interval"],
                      "seed": seed, "reference_method": ref, "targets": tsource,
                      "laws_from": source, "merge_fraction": merge_fraction,
-                     "cost_unit": "one expert of the smallest size (default: cost ∝ params)"},
+                     "cost_unit": ("wall seconds, measured by the jobs' benchmark files (compute.csv)"
+                                   if costs is not None and measured_costs is not None else
+                                   "one expert of the smallest size (default: cost ∝ params)"),
+                     "costs_measured": costs is not None and measured_costs is not None},
         "sizes": size_order, "params": params, "methods": methods,
         "laws": law_rows, "experts_needed": need_rows, "saturation": sat_rows,
         "three_point": tp_rows,
@@ -315,6 +355,9 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
         "costs": cst, "cheapest_for_target": cheapest, "best_for_budget": affordable,
         "recommendation": _recommend(cheapest, affordable, size_order, ref),
         "method_comparison": cmp.to_dict("records"),
+        "versus_multitask": versus,
+        "theory": ([] if theory is None else
+                   theory[[c for c in THEORY_COLUMNS if c in theory.columns]].to_dict("records")),
     }
     return jsonable(plan)
 

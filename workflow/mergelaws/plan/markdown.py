@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-
 from mergelaws.laws import (
     UNIFIED_PARAMS,
 )
@@ -45,6 +44,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+# how each kind of bootstrap interval draws its replicates (fit.interval)
+_INTERVAL_TEXT = {
+    "parametric": ("drawing each k's mean from the fitted law with the noise of the size's variance "
+                   "law (parametric; calibrated also where a k holds one subset)"),
+    "subsets": "resampling the merged subsets within each k",
+}
 
 
 def _krange(ks: list[int]) -> str:
@@ -125,12 +132,89 @@ def _interval_sentence(laws: list[Mapping]) -> str:
     return " ".join(out)
 
 
+def _versus_section(vs: list[Mapping], s: Mapping, M: int, pool: int) -> list[str]:
+    """Merging vs the multitask model: the table and sentences computed from its rows."""
+    out = ["## Merging vs the multitask model"]
+    boot = bool(s["n_boot"])
+    measured = any(r.get("fraction") is not None for r in vs)
+    head = ["view", "size", "method", "multitask", "best merge (k)", "k measured", "k (law)"]
+    head += ["k [95%]"] if boot else []
+    head += ["merging / multitask compute"] if measured else []
+    rows = []
+    for r in vs:
+        row = [r["view"], r["size"], r["method"], _f(r["multitask_loss"]),
+               f"{_f(r['best_merge_loss'])} ({r['best_merge_k']})",
+               _f(r["k_measured"]) if r["k_measured"] is not None else f"not within k ≤ {M}",
+               _f(r["k_law"]) + (f" ({_reach_note(r, M, pool)})" if _reach_note(r, M, pool) else "")]
+        row += [_k_interval(r, "k")] if boot else []
+        row += [("—" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%")] if measured else []
+        rows.append(row)
+    out.append(_table(head, rows))
+    out.append("The multitask model is one model per size fine-tuned on every domain's train split with "
+               "the experts' trainer; its loss is the macro mean over all domains, compared with views "
+               "that also average every domain (not in_domain, where a merge is scored on its own "
+               "domains only); k "
+               "measured = the first k whose mean merge loss is at or below it; k (law) = the same "
+               "question on the fitted law" + ("; the interval asks it of every bootstrap refit"
+                                              if boot else "") + ".")
+    ref = s["reference_method"]
+    main = [r for r in vs if r["view"] == vs[0]["view"] and r["method"] == ref]
+    bullets = []
+    for r in main:
+        if r["k_measured"] is not None:
+            txt = (f"{r['size']}: {ref} merging matches the multitask model ({_f(r['multitask_loss'])}) "
+                   f"from k = {r['k_measured']}")
+            if r.get("fraction") is not None:
+                txt += (f", at {100 * r['fraction']:.0f}% of its compute counting the {r['k_measured']} "
+                        f"experts' training ({100 * r['fraction_merge_only']:.1f}% for the merge alone "
+                        f"when the experts exist)")
+        else:
+            gap = r["best_merge_loss"] - r["multitask_loss"]
+            txt = (f"{r['size']}: {ref} merging does not reach the multitask model "
+                   f"({_f(r['multitask_loss'])}) within the {M} measured k: its best mean is "
+                   f"{_f(r['best_merge_loss'])} at k = {r['best_merge_k']}, {_f(gap)} above")
+            txt += ("; the law puts the crossing at k = " + _f(r["k_law"]) + f" ({_reach_note(r, M, pool)})"
+                    if r["k_law"] is not None else "; the law's floor is above it, so no k reaches it")
+        bullets.append("- " + txt + ".")
+    if bullets:
+        out.append("\n".join(bullets))
+    return out
+
+
+def _theory_section(th: list[Mapping]) -> list[str]:
+    """The curve predicted from the experts alone (Theorem 3.1, `mergelaws predict`) against the
+    sweep, with the sentences built from the rows."""
+    out = ["## Predicted from the experts alone (Theorem 3.1)"]
+    out.append(_table(["size", "method", "variant", "Spearman (k ≥ 2)", "curve MAE", "k = 1 → M drop pred / meas",
+                       "A pred / meas", "L∞ pred / meas", "variance ratio", "compute / sweep"], [
+        [r["size"], r["method"], r["variant"], f"{_f(r.get('spearman'), 3)} ({_f(r.get('spearman_k2'), 3)})",
+         _f(r.get("curve_mae")),
+         f"{_f(r.get('drop_predicted'), 3)} / {_f(r.get('drop_measured'), 3)}",
+         f"{_f(r.get('A_fit_pred'), 3)} / {_f(r.get('A_fit_meas'), 3)}",
+         f"{_f(r.get('L_inf_fit_pred'), 3)} / {_f(r.get('L_inf_fit_meas'), 3)}",
+         _f(r.get("variance_ratio"), 2),
+         "—" if r.get("compute_fraction") is None else f"{100 * r['compute_fraction']:.0f}%"] for r in th]))
+    ok = [r for r in th if r.get("spearman") is not None and r.get("drop_measured")]
+    good = [r for r in ok if r["spearman"] >= 0.95
+            and abs(r["drop_predicted"] - r["drop_measured"]) <= 0.15 * abs(r["drop_measured"])]
+    variants = sorted({r["variant"] for r in good})
+    out.append(f"Per-subset Spearman correlation of predicted and measured loss, mean absolute error "
+               f"of the predicted E[L | k], and the k = 1 → M drop; A and L∞ from the law fitted to "
+               f"the predicted and to the measured means. {len(good)} of {len(ok)} rows reach "
+               f"Spearman ≥ 0.95 with the drop within 15%"
+               + (f" (variants: {', '.join(variants)})." if variants else ".")
+               + (" The calibrated and weights variants use the measured k = 1 losses, so their drop "
+                  "matches by construction: judge them by the k ≥ 2 Spearman and the curve error."
+                  if any(r["variant"] in ("calibrated", "weights") for r in th) else ""))
+    return out
+
+
 def render_markdown(plan: Mapping) -> str:
     s = plan["settings"]
     M = s["M"]
     pool = s.get("pool") or M
     ks = s.get("measured_k") or list(range(1, M + 1))
-    boot = (f"intervals are 95% percentile bootstraps over subsets within each k "
+    boot = (f"intervals are 95% bootstraps {_INTERVAL_TEXT.get(s.get('interval'), 'over subsets within each k')} "
             f"({s['n_boot']} replicates, seed {s['seed']})" if s["n_boot"] else
             "no intervals (n_boot = 0: point fits only)")
     parts = [f"# Merging plan ({s['view']} view)",
@@ -165,8 +249,9 @@ def render_markdown(plan: Mapping) -> str:
                f"{_f(r['r2'], 3)} ({r['dof']} dof)", ", ".join(r["at_bound"]) or "—"] if r["converged"] else
             [r["method"]] + ["—"] * 6 + ["—", r.get("reason") or "not converged"] for r in uni]))
         parts.append("N in billions of parameters; one fit per method over every size and k ≥ 1"
-                     + (f"; [95%] bootstrap intervals, {uni[0]['n_boot']} replicates resampling "
-                        "subsets within each (size, k)." if with_ci else
+                     + (f"; [95%] bootstrap intervals, {uni[0]['n_boot']} replicates "
+                        f"{_INTERVAL_TEXT.get(s.get('interval'), 'resampling subsets').replace('each k', 'each (size, k)')}."
+                        if with_ci else
                         "; no intervals (no bootstrap in the fits)."))
 
     parts.append("## Experts needed for a target loss")
@@ -259,11 +344,22 @@ def render_markdown(plan: Mapping) -> str:
 
     parts.append(f"## Budget ({s['reference_method']})")
     parts.append("Cost of (size, k) = k × expert + merge; unit = " + s["cost_unit"]
-                 + f"; merge + eval = {s['merge_fraction']} × the size's expert; k ≤ {s['k_max']}"
+                 + ("; merge + eval = one sweep job's seconds over its subsets, averaged over methods"
+                    if s.get("costs_measured") else
+                    f"; merge + eval = {s['merge_fraction']} × the size's expert")
+                 + f"; k ≤ {s['k_max']}"
                  + (" (the largest measured k)." if s["k_max"] == M else "."))
     parts.append(_table(["size", "expert", "merge + eval"], [
         [sz, _f(c["expert"], 2), _f(c["merge"], 2)] for sz, c in plan["costs"].items()]))
     parts.append("\n".join(f"- {line}" for line in plan["recommendation"]))
+
+    vs = plan.get("versus_multitask") or []
+    if vs:
+        parts.extend(_versus_section(vs, s, M, pool))
+
+    th = plan.get("theory") or []
+    if th:
+        parts.extend(_theory_section(th))
 
     parts.append("## Methods at matched k")
     cmp = plan["method_comparison"]
