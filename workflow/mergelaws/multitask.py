@@ -28,8 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergelaws import grid, models, train
-from mergelaws.evaluate import evaluate_examples
+from mergelaws import grid
+
+# torch (train, models, evaluate) is imported inside the functions that train or evaluate, so
+# that read_tables works in the fit environment, which has no torch (rules plan and figures)
 
 __all__ = ["METHOD", "multitask_steps", "train_multitask", "evaluate_model", "run", "read_tables"]
 
@@ -49,6 +51,8 @@ def multitask_steps(cfg: dict, size: str) -> int:
 
 def train_multitask(cfg: dict, size: str, out: str | Path, log=print) -> dict:
     """Train the size's multitask model into ``out`` (written atomically); return its record."""
+    from mergelaws import train
+
     domains = grid.domains(cfg)
     base = grid.base_dir(cfg, size)
     if cfg["train"]["backend"] == "openrlhf":
@@ -62,7 +66,8 @@ def train_multitask(cfg: dict, size: str, out: str | Path, log=print) -> dict:
 
 def evaluate_model(cfg: dict, size: str, model_dir: str | Path, log=print) -> pd.DataFrame:
     """Every domain's eval loss of ``model_dir``, as sweep rows (see the module doc)."""
-    from mergelaws import sweep
+    from mergelaws import models, sweep
+    from mergelaws.evaluate import evaluate_examples
 
     domains = grid.domains(cfg)
     device = models.resolve_device(cfg["sweep"]["device"])
@@ -104,9 +109,12 @@ def run(cfg: dict, size: str, model_out: str | Path, table_out: str | Path, log=
 
 def read_tables(paths: list[str | Path]) -> pd.DataFrame:
     """The multitask rows of several sizes as one table (empty with the sweep columns if none)."""
-    from mergelaws import io, sweep
+    from mergelaws import io
 
-    frames = [io.read_table(p) for p in paths]
+    frames = [io.read_table(p, what="multitask losses table",
+                            fix="pass the <results>/multitask/<size>/losses.parquet rule multitask writes")
+              for p in paths]
     if not frames:
-        return pd.DataFrame(columns=sweep.COLUMNS)
+        return pd.DataFrame(columns=["size", "params", "method", "k", "subset", "members", "eval_domain",
+                                     "in_domain", "loss", "tokens", "examples", "skipped", "status"])
     return pd.concat(frames, ignore_index=True)
