@@ -120,6 +120,16 @@ def validate(cfg: dict, *, resolve_methods: bool = True) -> dict:
     return cfg
 
 
+def _check_adaptive(cfg: dict) -> None:
+    """sampler: adaptive decides from all the rows of a k, which one sweep job must hold."""
+    for size, spec in cfg["bases"].items():
+        sweep = {**cfg["sweep"], **(spec.get("sweep") or {})}
+        if sweep.get("sampler") == "adaptive" and int(sweep.get("shards", 1)) > 1:
+            where = f"bases.{size}.sweep" if (spec.get("sweep") or {}).keys() & {"sampler", "shards"} else "sweep"
+            raise ConfigError(f"{where}.sampler = adaptive needs one sweep job per (size, method) but "
+                              f"{where}.shards = {sweep['shards']}; set shards: 1 or use sampler: uniform")
+
+
 def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
     n_domains = len(cfg["domains"])
     ks = cfg["sweep"]["k"]
@@ -129,6 +139,7 @@ def _semantic_checks(cfg: dict, resolve_methods: bool = True) -> None:
             raise ConfigError(
                 f"sweep.k = {too_big} is larger than the number of domains ({n_domains}); "
                 f"use values 0..{n_domains} or 'all'")
+    _check_adaptive(cfg)
     _check_own_experts(cfg)
     if not resolve_methods:  # fit, figures, plan: method names only, no torch (envs/fit.yaml)
         return

@@ -85,6 +85,33 @@ def _sample_combinations(pool: list[str], k: int, n: int, rng: random.Random) ->
     return sorted(seen)
 
 
+def adaptive_order(pool: list[str], k: int, cap: int, seed) -> list[tuple[str, ...]]:
+    """The seeded order in which ``sampler: adaptive`` visits the k-subsets: the uniform
+    sampler's seeded draw (same generator, so the first ``cap`` are the uniform sampler's
+    ``subsets_per_k = cap`` subsets) kept in draw order, and a seeded permutation where every
+    k-subset fits under the cap (never the lexicographic order, whose prefixes are biased).
+    The adaptive sweep evaluates a prefix of this list at each k."""
+    rng = random.Random(f"mergelaws-subsets:{seed}:{k}")
+    total = math.comb(len(pool), k)
+    n = min(cap, total)
+    if total <= 200_000:
+        return [tuple(c) for c in rng.sample([tuple(c) for c in itertools.combinations(pool, k)], n)]
+    seen: dict[tuple[str, ...], None] = {}
+    while len(seen) < n:  # rejection sampling for huge pools, in draw order
+        seen.setdefault(tuple(sorted(rng.sample(pool, k))), None)
+    return list(seen)
+
+
+def adaptive_orders(cfg: dict, size: str | None = None) -> dict[int, list[Subset]]:
+    """k -> the subsets ``sampler: adaptive`` may evaluate at k, in its seeded order (a sweep
+    stops early at a k once the standard error of that k's mean is below ``sweep.target_sem``;
+    see mergelaws.sweep.adaptive_decision). The cap per k is ``sweep.subsets_per_k``."""
+    pool = sorted(domains(cfg))
+    cap = sweep_settings(cfg, size)["subsets_per_k"]
+    return {k: [Subset(k, tuple(sorted(c))) for c in adaptive_order(pool, k, cap, cfg["seed"])]
+            for k in k_values(cfg)}
+
+
 def sweep_settings(cfg: dict, size: str | None = None) -> dict:
     """The global `sweep` settings with a size's overrides (bases.<size>.sweep) applied."""
     out = dict(cfg["sweep"])
@@ -103,13 +130,19 @@ def train_settings(cfg: dict, size: str | None = None) -> dict:
 
 def subsets(cfg: dict, size: str | None = None) -> list[Subset]:
     """Every subset the sweep evaluates for a size (all sizes alike unless bases.<size>.sweep
-    overrides the sampling), for every method alike, in a fixed order."""
+    overrides the sampling), for every method alike, in a fixed order. For ``sampler:
+    adaptive`` these are the subsets it may evaluate (up to ``subsets_per_k`` per k); the
+    sweep evaluates a seeded prefix of them at each k (``adaptive_orders``)."""
     pool = sorted(domains(cfg))
     sweep = sweep_settings(cfg, size)
     ks = k_values(cfg)
     seed = cfg["seed"]
     out: dict[str, Subset] = {}
-    if sweep["sampler"] == "orders":
+    if sweep["sampler"] == "adaptive":  # the most it may evaluate; the sweep stops early per k
+        for k, subs in adaptive_orders(cfg, size).items():
+            for s in subs:
+                out.setdefault(s.id, s)
+    elif sweep["sampler"] == "orders":
         rng = random.Random(f"mergelaws-orders:{seed}")
         for order in diverse_orders(pool, sweep["orders"], rng):
             for k in ks:

@@ -7,6 +7,12 @@ The merges come from a merging.SubsetMerger: in memory (base + every task vector
 task_arithmetic carry a running sum from subset to subset (subsets in merging.reuse_order).
 A task-aware method (free_merging) has the eval domain's own sparse expert added to the merge
 while that domain is evaluated, when its expert is in the subset (SubsetMerger.task_expert).
+
+``sweep.sampler: adaptive`` walks k by k through each k's seeded order (grid.adaptive_orders)
+and stops adding subsets at a k once ``adaptive_decision`` says so: a pure function of the
+rows already evaluated at that k, so a resumed run (PartialResults) takes the same decisions
+and gives the same rows. Why each k stopped is logged and written beside the table
+(``<out stem>.adaptive.json``, ``adaptive_state_path``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -72,6 +79,13 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
     index = {d: i for i, d in enumerate(doms)}
     progress = PartialResults(out, fingerprint(cfg, size, method, base_path, expert_dirs, subsets))
     done = progress.done_ids()
+    adaptive = grid.sweep_settings(cfg, size)["sampler"] == "adaptive"
+    if adaptive:
+        if shard != "1of1":
+            raise ValueError(f"sweep.sampler = adaptive runs as one job per (size, method), not shard {shard!r}; "
+                             f"set sweep.shards: 1")
+        return _run_adaptive(cfg, size, method, out, log, tag, t0, model, tok, live, merger, encoded, evalsets,
+                             n_params, subsets, progress, done, index, device)
     order = list(subsets)
     if merger.reuses_sums:  # consecutive subsets differ in few experts: cheap running-sum steps
         order = [subsets[i] for i in merging.reuse_order([s.members for s in subsets])]
@@ -135,6 +149,175 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
         log(f"sweep {tag}: {replayed} running sums of subsets done before the resume replayed (not evaluated)")
     log(f"sweep {tag}: {len(todo)} merges evaluated ({len(subsets)} in the table) in "
         f"{time.time() - t0:.1f}s -> {out}")
+    return table
+
+
+def _evaluate_subset(s, cfg, size, method, n_params, model, tok, live, merger, encoded, evalsets, device, tag,
+                     log) -> list[tuple]:
+    """Merge one subset into the live model (already done by the caller) and evaluate it on every
+    domain: its rows, as the uniform loop writes them."""
+    rows = []
+    bad = merger.last_nonfinite
+    if bad:
+        log(f"sweep {tag}: merge of subset {s.id} ({s.label}) has non-finite weights in "
+            f"{bad[:3]}; recorded as failed (loss NaN), excluded from means and fits")
+    for d in encoded:
+        counts = (len(evalsets[d]), encoded[d].skipped)
+        if bad:
+            rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
+                         *counts, "failed: non-finite weights"))
+            continue
+        with merger.task_expert(d, live):
+            res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
+                                    batch_tokens=cfg["eval"]["batch_tokens"], device=device)
+        status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"
+        if status != "ok":
+            log(f"sweep {tag}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; recorded as failed")
+        rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, res.loss, res.tokens,
+                     *counts, status))
+    return rows
+
+
+# ---- sampler: adaptive ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdaptiveDecision:
+    """Whether the adaptive sampler stops adding subsets at a k, after ``n`` evaluated there."""
+    stop: bool
+    n: int                 # subsets evaluated at this k
+    n_pool: int            # N_k = C(M, k), the k-subsets there are
+    sem: float             # finite-pool corrected standard error of the k's mean (NaN below 2 values)
+    mean: float
+    reason: str
+
+
+def finite_pool_sem(values, n_pool: int) -> float:
+    """Standard error of the mean of ``values`` (a sample without replacement from ``n_pool``
+    subsets): s/sqrt(n) x sqrt(1 - n/N), s the sample sd (ddof = 1, which estimates the pool's
+    S^2 = sum (y - Y)^2/(N - 1); the same as sigma/sqrt(n) x sqrt((N - n)/(N - 1)) with the
+    pool's sigma^2 = sum (y - Y)^2/N); 0 when every subset is in; NaN with fewer than 2 values."""
+    v = [float(x) for x in values if math.isfinite(x)]
+    n = len(v)
+    if n < 2:
+        return float("nan")
+    if n >= n_pool:
+        return 0.0
+    mean = sum(v) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    return sd / math.sqrt(n) * math.sqrt((n_pool - n) / n_pool)
+
+
+def adaptive_decision(values, n_pool: int, target_sem: float, min_per_k: int, cap: int) -> AdaptiveDecision:
+    """The adaptive sampler's rule at one k, from the view values of the subsets evaluated there
+    so far (in its seeded order; NaN = a failed merge, counted as evaluated, not in the SEM):
+    stop when every candidate is in (``cap`` = min(subsets_per_k, C(M, k))), else keep going
+    until at least ``min_per_k`` finite values, then stop once the finite-pool corrected SEM
+    is below ``target_sem``. Pure: the same values give the same decision (resumes)."""
+    vals = [float(x) for x in values]
+    n = len(vals)
+    finite = [x for x in vals if math.isfinite(x)]
+    mean = sum(finite) / len(finite) if finite else float("nan")
+    sem = finite_pool_sem(finite, n_pool)
+    if n >= cap:
+        why = (f"all C(M,k) = {n_pool} subsets evaluated" if cap >= n_pool
+               else f"cap reached (sweep.subsets_per_k = {cap})") + (f", SEM {sem:.4g}" if math.isfinite(sem) else "")
+        return AdaptiveDecision(True, n, n_pool, sem, mean, why)
+    if len(finite) < min_per_k or not math.isfinite(sem):
+        return AdaptiveDecision(False, n, n_pool, sem, mean, f"{len(finite)} < sweep.min_per_k = {min_per_k} values")
+    if sem < target_sem:
+        return AdaptiveDecision(True, n, n_pool, sem, mean, f"SEM {sem:.4g} < target {target_sem:g}")
+    return AdaptiveDecision(False, n, n_pool, sem, mean, f"SEM {sem:.4g} >= target {target_sem:g}")
+
+
+def subset_view_values(rows: pd.DataFrame, view: str) -> dict[str, float]:
+    """subset id -> its value of a fit view (``in_domain``, ``cross_domain``, ``held_out``; as
+    mergelaws.laws.views computes them: macro means over eval domains), from sweep rows; NaN
+    for a failed merge (any non-finite loss) or a view with no domain (in_domain at k = 0)."""
+    out = {}
+    for sid, g in rows.groupby("subset", sort=False):
+        loss = g["loss"].astype(float)
+        if not loss.map(math.isfinite).all():
+            out[sid] = float("nan")
+            continue
+        inside = g["in_domain"].astype(bool)
+        part = loss[inside] if view == "in_domain" else loss[~inside] if view == "held_out" else loss
+        out[sid] = float(part.mean()) if len(part) else float("nan")
+    return out
+
+
+def adaptive_state_path(out: str | Path) -> Path:
+    """Where an adaptive sweep writes its sampler state: beside the table, ``<stem>.adaptive.json``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".adaptive.json")
+
+
+def _run_adaptive(cfg, size, method, out, log, tag, t0, model, tok, live, merger, encoded, evalsets, n_params,
+                  candidates, progress, done, index, device) -> pd.DataFrame:
+    """The sweep loop of ``sampler: adaptive``: k by k, each k's seeded order, stopping per
+    ``adaptive_decision``. The merges follow the evaluated sequence (k ascending, then the
+    seeded order), so with running sums a resumed run replays the merges of the subsets done
+    before the kill and gets the same float rounding."""
+    settings = grid.sweep_settings(cfg, size)
+    target, min_n, cap = float(settings["target_sem"]), int(settings["min_per_k"]), int(settings["subsets_per_k"])
+    view = (cfg.get("fit") or {}).get("view", "cross_domain")
+    M = len(encoded)
+    prior = progress.table() if done else pd.DataFrame(columns=COLUMNS)
+    values = subset_view_values(prior, view) if len(prior) else {}
+    if done:
+        log(f"sweep {tag}: resuming the adaptive sampler with {len(done)} subsets already done "
+            f"(kept in {progress.dir})")
+    log(f"sweep {tag}: sampler adaptive: view {view}, target SEM {target:g} nats, {min_n} to {cap} subsets per k")
+    state = {"sampler": "adaptive", "view": view, "target_sem": target, "min_per_k": min_n, "cap": cap,
+             "seed": cfg["seed"], "M": M, "k": {}}
+    pending, n_pending, evaluated, replayed = [], 0, 0, 0
+    chunk = cfg["sweep"]["chunk"]
+    prog = Progress(len(candidates), f"sweep {tag}")
+    for k, seq in grid.adaptive_orders(cfg, size).items():
+        i = 0
+        while True:
+            dec = adaptive_decision([values[s.id] for s in seq[:i]], math.comb(M, k), target, min_n, len(seq))
+            if dec.stop:
+                break
+            s = seq[i]
+            with torch.no_grad():
+                if s.id in done:
+                    if merger.reuses_sums:  # replay the sum so later merges round as uninterrupted
+                        merger.merge(s.members, s.id, out=live)
+                        replayed += 1
+                else:
+                    merger.merge(s.members, s.id, out=live)
+            if s.id not in done:
+                rows = _evaluate_subset(s, cfg, size, method, n_params, model, tok, live, merger, encoded,
+                                        evalsets, device, tag, log)
+                frame = pd.DataFrame(rows, columns=COLUMNS)
+                values.update(subset_view_values(frame, view))
+                pending.extend(rows)
+                n_pending += 1
+                evaluated += 1
+                if n_pending >= chunk:  # persisted before the next chunk starts
+                    progress.add(pd.DataFrame(pending, columns=COLUMNS))
+                    pending, n_pending = [], 0
+            prog.update()
+            i += 1
+        log(f"sweep {tag}: k={k}: stopped after {dec.n} subset{'s' if dec.n != 1 else ''}: {dec.reason}")
+        state["k"][str(k)] = {**asdict(dec), "subsets": [s.id for s in seq[:dec.n]]}
+    progress.add(pd.DataFrame(pending, columns=COLUMNS))
+    prog.close()
+    order = {s.id: i for i, s in enumerate(candidates)}
+    table = progress.table() if progress.chunks() else pd.DataFrame(columns=COLUMNS)
+    table = table.iloc[sorted(range(len(table)), key=lambda i: (order[table["subset"].iat[i]],
+                                                                index[table["eval_domain"].iat[i]]))]
+    table = table.reset_index(drop=True)
+    n_rows = sum(v["n"] for v in state["k"].values())
+    state["evaluated"], state["candidates"] = n_rows, len(candidates)
+    write_text(adaptive_state_path(out), json.dumps(state, indent=1, default=float) + "\n")
+    write_table(table, out)
+    progress.clear()
+    if replayed:
+        log(f"sweep {tag}: {replayed} running sums of subsets done before the resume replayed (not evaluated)")
+    log(f"sweep {tag}: sampler adaptive: {n_rows} of {len(candidates)} candidate subsets in the table "
+        f"({evaluated} merges evaluated in this run) in {time.time() - t0:.1f}s -> {out}; "
+        f"sampler state in {adaptive_state_path(out)}")
     return table
 
 
@@ -304,6 +487,10 @@ def fingerprint(cfg: dict, size: str, method: str, base: str, expert_dirs: dict[
            "system_prompt": cfg.get("system_prompt"),
            "subsets": [s.id for s in subsets], "base": stamp(base),
            "experts": {d: stamp(p) for d, p in sorted(expert_dirs.items())}}
+    settings = grid.sweep_settings(cfg, size)
+    if settings.get("sampler") == "adaptive":  # its decisions depend on these too
+        key["adaptive"] = {"target_sem": settings["target_sem"], "min_per_k": settings["min_per_k"],
+                           "view": (cfg.get("fit") or {}).get("view", "cross_domain")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 

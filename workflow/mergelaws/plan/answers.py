@@ -15,6 +15,7 @@ from mergelaws.laws import (
     fit_per_size,
 )
 
+
 def _abk(law: Mapping) -> tuple[float, float, float]:
     return float(law["L_inf"]), float(law["A"]), float(law["b"])
 

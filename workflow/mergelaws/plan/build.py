@@ -40,6 +40,7 @@ from mergelaws.plan.answers import (
     law_value,
     three_point_forecast,
 )
+from mergelaws.plan.design import design_rows
 from mergelaws.plan.versus import versus_rows
 
 # --------------------------------------------------------------------------------------
@@ -352,6 +353,7 @@ def build_plan(losses: pd.DataFrame, fits: Fits | Mapping | None = None, targets
         "holdout": hold.to_dict("records"),
         "unified": uni_rows,
         "variance": var_rows,
+        "design": design_rows(table, laws, var_rows, ref),
         "costs": cst, "cheapest_for_target": cheapest, "best_for_budget": affordable,
         "recommendation": _recommend(cheapest, affordable, size_order, ref),
         "method_comparison": cmp.to_dict("records"),

@@ -342,6 +342,24 @@ def render_markdown(plan: Mapping) -> str:
                      "of M experts without replacement gives C·(M−k)/(k·(M−1)), which is 0 at k = M. "
                      "Unweighted least squares on k with ≥ 2 subsets.")
 
+    design = plan.get("design") or []
+    if design:
+        parts.append(f"## Which k, how many subsets ({design[0]['method']})")
+        parts.append(_table(["size", "parameter", "95% width now", "merges now", "target", "k values",
+                             "subsets per k", "merges", "width"], [
+            [r["size"], "L∞" if r["param"] == "L_inf" else r["param"], _g(r.get("width_now")),
+             r.get("merges_now"), f"{r['target']} ({_g(r.get('target_width'))})",
+             ", ".join(str(k) for k in r.get("ks") or []) or "—",
+             ", ".join(str(n) for n in r.get("n_per_k") or []) or "—",
+             (r.get("merges") if r.get("reachable") else f"unreachable ({r.get('merges')})"),
+             _g(r.get("width"))] for r in design]))
+        parts.append("The interval on A or L∞ a design gives, predicted by propagating each k's noise "
+                     "C/(k·n_k) (the variance law; the noise the fit's parametric intervals draw) through "
+                     "the law's Jacobian (weighted least squares, first order), and the cheapest design "
+                     "with k = 1, M and up to three k between reaching the width measured now or half of "
+                     "it; merges include the base. Run it with `sweep.k` and `sweep.sampler: adaptive` "
+                     "(`sweep.subsets_per_k` as the cap).")
+
     parts.append(f"## Budget ({s['reference_method']})")
     parts.append("Cost of (size, k) = k × expert + merge; unit = " + s["cost_unit"]
                  + ("; merge + eval = one sweep job's seconds over its subsets, averaged over methods"
