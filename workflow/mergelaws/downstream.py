@@ -1,0 +1,359 @@
+"""Downstream scores of merged models through lm-evaluation-harness (App. K, Table 15, Fig 10).
+
+Cross-entropy is the paper's metric; App. K also scores merged models on downstream tasks (all
+subsets of k <= 5 from a 5-expert pool) and finds the scores saturate earlier than CE. This
+module runs that path on the field's standard tool, lm-evaluation-harness (``lm_eval``, the
+optional extra ``downstream``), through its Python API on the **in-memory** merged model: the
+sweep's merge engine (:func:`mergelaws.sweep.build_merger`) writes each subset's merge into the
+live model's parameters, and one ``lm_eval.models.huggingface.HFLM`` wrapping that model object
+scores it with ``lm_eval.simple_evaluate``; no checkpoint is written (the tests check the
+in-memory score equals lm-eval's score of the same model saved and loaded from disk).
+
+Tasks (config ``downstream.tasks``) are lm-eval task names: the harness's own (``arc_easy``,
+``gsm8k`` on a cluster with the datasets) or YAMLs in ``downstream.include_path``, plus local
+tasks that mergelaws builds from a shipped domain's eval split, named ``mergelaws_<domain>_<kind>``:
+
+- ``answer``: worked solutions whose last line is ``Answer: ...`` (arithmetic, algebra). The
+  context is the question (user turn) and the solution's steps (the start of the assistant
+  turn, lm-eval's ``gen_prefix``); the four choices are the true ``Answer:`` line and three
+  seeded distractors with its last number perturbed. Log-likelihood multiple choice.
+- ``mc``: any domain: the question and four candidate responses, the true one and three other
+  responses of the same eval split (seeded). Log-likelihood multiple choice.
+
+Both are scored as ``acc`` and ``acc_norm`` (chance 0.25), rendered by the model's own chat
+template (``apply_chat_template``, system turn = the config's ``system_prompt``), the path the
+experts were trained on; a tokenizer without a chat template gets lm-eval's plain rendering.
+The task files are written into a temporary directory per run and removed afterwards.
+
+Each subset's cross-entropy on the pool's eval splits (macro mean over the pool's domains, the
+sweep's evaluation) is written beside the scores, as task ``cross_entropy``, metric ``loss``, so
+a table holds both curves of the same merged models.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mergelaws import data as D
+from mergelaws import grid, merging, models
+from mergelaws.errors import ConfigError, DataError
+
+COLUMNS = ["size", "params", "method", "k", "subset", "members", "task", "metric", "value", "stderr",
+           "n", "higher_is_better"]
+LOCAL_PREFIX = "mergelaws_"
+KINDS = ("answer", "mc")
+CE_TASK = "cross_entropy"
+N_CHOICES = 4
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+# ---- local tasks from shipped domains --------------------------------------------------------
+
+def parse_local(name: str) -> tuple[str, str] | None:
+    """``mergelaws_<domain>_<kind>`` -> (domain, kind); None for any other task name."""
+    if not name.startswith(LOCAL_PREFIX):
+        return None
+    rest = name[len(LOCAL_PREFIX):]
+    domain, _, kind = rest.rpartition("_")
+    if not domain or kind not in KINDS:
+        raise ConfigError(f"downstream.tasks: {name!r} is not a local task; local tasks are named "
+                          f"mergelaws_<domain>_<kind> with kind one of {', '.join(KINDS)}")
+    return domain, kind
+
+
+def _perturb(answer: str, rng: random.Random) -> list[str]:
+    """Three distinct distractors of an ``Answer: ...`` line: its last number changed."""
+    nums = list(_NUMBER.finditer(answer))
+    if not nums:
+        return []
+    m = nums[-1]
+    text = m.group()
+    is_int = "." not in text
+    v = int(text) if is_int else float(text)
+    deltas = [1, -1, 2, -2, 3, -3, 5, -5, 10, -10, 11, -9]
+    cands = [v + d for d in deltas] + ([v * 2, -v, v // 2 if is_int else v / 2] if v else [])
+    rng.shuffle(cands)
+    out: list[str] = []
+    for c in cands:
+        s = str(c) if is_int else f"{c:g}"
+        alt = answer[:m.start()] + s + answer[m.end():]
+        if alt != answer and alt not in out:
+            out.append(alt)
+        if len(out) == N_CHOICES - 1:
+            break
+    return out
+
+
+def build_docs(pairs: list[tuple[str, str]], kind: str, seed: int, name: str = "") -> list[dict]:
+    """The documents of a local task (deterministic in ``seed``): ``question``, ``prefix`` (the
+    assistant turn's start: the steps, for ``answer``), ``choices`` (4) and ``label`` (the
+    index of the true one). Pairs with no usable answer line are left out."""
+    docs = []
+    for i, (prompt, response) in enumerate(pairs):
+        rng = random.Random(f"{seed}:{name}:{i}")
+        if kind == "answer":
+            head, sep, last = response.rpartition("\n")
+            if not sep or not last.startswith("Answer:"):
+                continue
+            gold, prefix = "\n" + last, head
+            wrong = ["\n" + w for w in _perturb(last, rng)]
+        elif kind == "mc":
+            others = sorted({r for j, (_, r) in enumerate(pairs) if j != i and r != response})
+            if len(others) < N_CHOICES - 1:
+                continue
+            gold, prefix = response, ""
+            wrong = rng.sample(others, N_CHOICES - 1)
+        else:
+            raise ValueError(f"unknown local task kind {kind!r}; one of {KINDS}")
+        if len(wrong) < N_CHOICES - 1:
+            continue
+        choices = [gold, *wrong]
+        rng.shuffle(choices)
+        docs.append({"question": prompt, "prefix": prefix, "choices": choices, "label": choices.index(gold)})
+    return docs
+
+
+def write_local_task(cfg: dict, name: str, out_dir: str | Path, limit: int | None = None) -> Path:
+    """Write ``<name>.jsonl`` and ``<name>.yaml`` (an lm-eval task) into ``out_dir``; its YAML path."""
+    import yaml
+
+    domain, kind = parse_local(name)
+    if domain not in cfg["domains"]:
+        raise ConfigError(f"downstream.tasks: {name!r} names domain {domain!r}, which is not under `domains` "
+                          f"({', '.join(cfg['domains'])})")
+    spec = cfg["domains"][domain]
+    pairs = D.read_pairs(spec["eval"], spec["prompt_field"], spec["response_field"], part="eval")
+    docs = build_docs(pairs, kind, cfg["seed"], name)
+    if limit is not None:
+        docs = docs[:limit]
+    if not docs:
+        raise DataError(f"downstream.tasks: {name!r}: no example of {spec['eval']} fits kind {kind!r}"
+                        + (" (responses must end with an 'Answer: ...' line holding a number)" if kind == "answer"
+                           else ""))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{name}.jsonl"
+    jsonl.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(jsonl.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "target_delimiter": "",  # the choice follows the assistant header (mc) or the steps (answer)
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+        "metadata": {"version": 1.0, "source": f"mergelaws: {kind} over {spec['eval']}"},
+    }
+    if kind == "answer":
+        task["gen_prefix"] = "{{prefix}}"
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    return path
+
+
+# ---- lm-eval on one in-memory model -----------------------------------------------------------
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("downstream.tasks needs lm-evaluation-harness: pip install 'mergelaws[downstream]' "
+                          "(lm-eval==0.4.13)") from None
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return lm_eval, HFLM, TaskManager
+
+
+def wrap_model(model, tokenizer, batch_size: int = 16):
+    """An lm-eval ``HFLM`` over an already built transformers model (the live merged model:
+    later in-place merges into its parameters are what it scores next)."""
+    _, HFLM, _ = _lm_eval()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def task_manager(include_path: str | list[str] | None):
+    _, _, TaskManager = _lm_eval()
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def score(lm, tasks: list[str], manager, *, limit: int | None = None, system_prompt: str | None = None,
+          chat: bool = True) -> list[tuple[str, str, float, float, int, bool]]:
+    """(task, metric, value, stderr, n, higher_is_better) for every task and metric lm-eval reports."""
+    lm_eval, _, _ = _lm_eval()
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  apply_chat_template=chat, system_instruction=system_prompt if chat else None,
+                                  log_samples=False, bootstrap_iters=100, random_seed=0, numpy_random_seed=0,
+                                  torch_random_seed=0, fewshot_random_seed=0)
+    out = []
+    for task in tasks:
+        metrics = res["results"].get(task)
+        if metrics is None:
+            raise ConfigError(f"downstream.tasks: lm-eval returned no result for {task!r} (a group? name its "
+                              f"subtasks instead)")
+        n = int((res.get("n-samples") or {}).get(task, {}).get("effective", 0))
+        hib = res.get("higher_is_better", {}).get(task, {})
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if metric.endswith("_stderr") or metric in ("alias", "sample_len", "sample_count") \
+                    or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{filt}")
+            err = float(err) if isinstance(err, (int, float)) else float("nan")
+            name = metric if filt in ("", "none") else f"{metric},{filt}"
+            out.append((task, name, float(value), err, n, bool(hib.get(metric, True))))
+    return out
+
+
+# ---- the downstream run: merges of chosen subsets, scored -------------------------------------
+
+def settings(cfg: dict) -> dict:
+    return dict(cfg.get("downstream") or {})
+
+
+def pool(cfg: dict) -> list[str]:
+    """The expert pool: the first N domains, or the listed ones (config ``downstream.pool``)."""
+    doms = grid.domains(cfg)
+    p = settings(cfg).get("pool", 5)
+    if isinstance(p, int):
+        if p > len(doms):
+            raise ConfigError(f"downstream.pool = {p} is more than the {len(doms)} configured domains")
+        return doms[:p]
+    unknown = [d for d in p if d not in doms]
+    if unknown:
+        raise ConfigError(f"downstream.pool names {unknown}, not under `domains` ({', '.join(doms)})")
+    if len(set(p)) != len(p):
+        raise ConfigError(f"downstream.pool repeats a domain: {p}")
+    return list(p)
+
+
+def subsets(cfg: dict) -> list[grid.Subset]:
+    """The base (k = 0) and every subset of the pool with 1 <= k <= downstream.max_k."""
+    p = pool(cfg)
+    kmax = min(int(settings(cfg).get("max_k", 5)), len(p))
+    return [grid.Subset(k, tuple(sorted(c))) for k in range(kmax + 1) for c in itertools.combinations(p, k)]
+
+
+def check(cfg: dict, method: str, size: str) -> None:
+    s = settings(cfg)
+    if not s.get("tasks"):
+        raise ConfigError("downstream.tasks is empty; list lm-eval task names (or mergelaws_<domain>_<kind> "
+                          "local tasks) to score merged models downstream")
+    if method not in cfg["methods"]:
+        raise ConfigError(f"--method {method!r} is not under `methods` ({', '.join(cfg['methods'])})")
+    if size not in cfg["bases"]:
+        raise ConfigError(f"--size {size!r} is not under `bases` ({', '.join(cfg['bases'])})")
+    for t in s["tasks"]:
+        loc = parse_local(t)
+        if loc and loc[0] not in cfg["domains"]:
+            raise ConfigError(f"downstream.tasks: {t!r} names domain {loc[0]!r}, which is not under `domains`")
+    inc = s.get("include_path")
+    if inc and not Path(inc).is_dir():
+        raise ConfigError(f"downstream.include_path {inc!r} is not a directory of lm-eval task YAMLs")
+    pool(cfg)
+
+
+def run_downstream(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: dict[str, str] | None = None,
+                   log=print) -> pd.DataFrame:
+    """Merge every chosen subset (:func:`subsets`) of a size's pool with ``method`` in memory (the
+    sweep's engine), score it on ``downstream.tasks`` with lm-eval and on the pool's eval splits
+    (cross-entropy), and write one row per (subset, task, metric) to ``out`` (parquet + CSV)."""
+    from mergelaws import sweep
+    from mergelaws.evaluate import evaluate_examples
+    from mergelaws.progress import Progress
+
+    check(cfg, method, size)
+    s = settings(cfg)
+    _lm_eval()
+    t0 = time.time()
+    params = cfg["methods"][method]
+    device = models.resolve_device(cfg["sweep"]["device"])
+    doms = pool(cfg)
+    chosen = subsets(cfg)
+    base_path = grid.base_dir(cfg, size)
+    expert_dirs = expert_dirs or {d: grid.expert_dir(cfg, size, d) for d in doms}
+    tag = f"downstream {size}/{method}"
+    tok = models.load_tokenizer(base_path)
+    model = models.load_model(base_path, sweep.sweep_dtype(cfg, base_path), device,
+                              allow_bin=cfg["allow_bin_checkpoints"])
+    model.eval()
+    n_params = models.count_params(model)
+    live = models.float_state(model)
+    merger = sweep.build_merger(cfg, method, params, model, live, base_path, expert_dirs, doms, device, tag, log)
+    encoded = {d: D.load_domain(cfg, d, "eval", tok, cfg["eval"]["max_len"], limit=cfg["eval"]["max_examples"])
+               for d in doms}
+    chat = bool(getattr(tok, "chat_template", None))
+    limit = s.get("limit")
+    log(f"{tag}: {len(chosen)} subsets (k <= {max(x.k for x in chosen)}) of the pool {', '.join(doms)}; tasks "
+        f"{', '.join(s['tasks'])}; limit {limit} examples each; "
+        + ("the model's chat template" if chat else "no chat template: lm-eval's plain prompts"))
+    order = list(chosen)
+    if merger.reuses_sums:
+        order = [chosen[i] for i in merging.reuse_order([x.members for x in chosen])]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mergelaws-tasks-") as tmp:
+        include = [str(write_local_task(cfg, t, tmp, limit).parent) for t in s["tasks"] if parse_local(t)]
+        if s.get("include_path"):
+            include.append(str(Path(s["include_path"]).resolve()))
+        manager = task_manager(sorted(set(include)) or None)
+        lm = wrap_model(model, tok, int(s.get("batch_size", 16)))
+        prog = Progress(len(order), tag)
+        for sub in order:
+            with torch.no_grad():
+                merger.merge(sub.members, sub.id, out=live)
+            head = (size, n_params, method, sub.k, sub.id, sub.label)
+            if merger.last_nonfinite:
+                log(f"{tag}: merge of {sub.label or 'base'} has non-finite weights; its scores are NaN")
+                rows += [(*head, t, "acc", float("nan"), float("nan"), 0, True) for t in s["tasks"]]
+                prog.update()
+                continue
+            losses = [evaluate_examples(model, encoded[d].examples, pad_id=tok.pad_token_id,
+                                        batch_tokens=cfg["eval"]["batch_tokens"], device=device).loss for d in doms]
+            rows.append((*head, CE_TASK, "loss", float(sum(losses) / len(losses)), float("nan"),
+                         sum(len(encoded[d].examples) for d in doms), False))
+            for r in score(lm, s["tasks"], manager, limit=limit, system_prompt=cfg.get("system_prompt"), chat=chat):
+                rows.append((*head, *r))
+            prog.update()
+        prog.close()
+    rank = {x.id: i for i, x in enumerate(chosen)}
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = table.iloc[sorted(range(len(table)), key=lambda i: rank[table["subset"].iat[i]])].reset_index(drop=True)
+    sweep.write_table(table, out, csv=True)
+    log(f"{tag}: {len(chosen)} merges scored in {time.time() - t0:.1f}s -> {out} (+ .csv)")
+    return table
+
+
+# ---- saturation: k at which 90% of the k=1 -> max gain is reached ----------------------------
+
+def normalised(table: pd.DataFrame, task: str, metric: str) -> tuple[pd.Series, pd.DataFrame]:
+    """Per-subset values and per-k means of one (task, metric), as the fraction of the gain from
+    k = 1 to the largest k (means): 0 at k = 1, 1 at k = max, higher = better for either sign."""
+    t = table[(table["task"] == task) & (table["metric"] == metric) & (table["k"] >= 1)].copy()
+    sign = 1.0 if bool(t["higher_is_better"].iloc[0]) else -1.0
+    means = t.groupby("k")["value"].mean()
+    lo, hi = means.iloc[0], means.iloc[-1]
+    gain = (hi - lo) * sign
+    scale = gain if gain > 0 else float("nan")
+    t["norm"] = sign * (t["value"] - lo) / scale
+    return sign * (means - lo) / scale, t
+
+
+def k_at(frac: pd.Series, level: float = 0.9) -> float:
+    """The smallest k whose normalised mean reaches ``level`` (NaN if there is no gain)."""
+    hit = [k for k, v in frac.items() if math.isfinite(v) and v >= level]
+    return float(min(hit)) if hit else float("nan")
