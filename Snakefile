@@ -30,6 +30,7 @@ include: "rules/train.smk"
 include: "rules/sweep.smk"
 include: "rules/fit.smk"
 include: "rules/theory.smk"
+include: "rules/downstream.smk"
 
 
 rule all:
@@ -44,4 +45,5 @@ rule all:
         PLAN,
         FIGURES,
         THEORY,
+        DOWNSTREAM,
     default_target: True

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from mergelaws import config as mlconfig
 from mergelaws import grid
+from mergelaws import orders as mlorders
 
 try:
     for _path in workflow.configfiles:  # duplicate keys are lost by the YAML parser: refuse them
@@ -71,6 +72,10 @@ wildcard_constraints:
 # trained experts, and your own (bases.<size>.experts) where they are local directories: their
 # config.json exists and no rule makes it, so Snakemake plans no train job for them
 EXPERTS = [f for s in SIZES for d in DOMAINS for f in grid.expert_input(CFG, s, d)]
+# the trained ones (your own experts have no trainer's record): Fig 11 reads the record beside each
+TRAINED_EXPERTS = [
+    f for s in SIZES for d in DOMAINS if not grid.is_own_expert(CFG, s, d) for f in grid.expert_input(CFG, s, d)
+]
 LOSSES = [f"{RESULTS}/losses.parquet", f"{RESULTS}/losses.csv"]
 FITS = [f"{RESULTS}/fits/fits.json", f"{RESULTS}/fits/summary.csv"]
 PLAN = [f"{RESULTS}/plan.md", f"{RESULTS}/plan.json"]
@@ -125,6 +130,16 @@ FIGURES += [f"{RESULTS}/figures/{t}.{ext}" for t in (f"pool_size_{_V}", "synergy
 # Fig 2: merging vs the multitask model, per domain, with the compute of each
 if CFG["multitask"]["enabled"]:
     FIGURES += [f"{RESULTS}/figures/fig2_multitask.{ext}" for ext in ("png", "pdf")]
+# optional (mergelaws.orders.figure_outputs): order dispersion (Fig 8, a size with sampler:
+# orders), experts' fine-tuning loss (Fig 11, trained experts), sampled orders vs full
+# enumeration (Fig 12, a size with every subset)
+FIGURES += [
+    f"{RESULTS}/figures/{name}"
+    for name in mlorders.figure_outputs(CFG, CFG["fit"]["view"], bool(TRAINED_EXPERTS))
+]
+
+# figures with a caption of their own (report/<name>.rst); the rest share paper_figures.rst
+_CAPTIONS = {"fig8_": "orders", "fig11_": "experts", "fig12_": "sampled_vs_full"}
 
 
 def figure_outputs():
@@ -133,6 +148,7 @@ def figure_outputs():
     for path in FIGURES:
         name = os.path.basename(path)
         kind = next((k for k in FIGURE_KINDS if name.startswith(k)), "paper_figures")
+        kind = next((rst for pre, rst in _CAPTIONS.items() if name.startswith(pre)), kind)
         if path.endswith(".png"):
             caption = f"../report/{kind}.rst"
             out.append(report(path, caption=caption, category="Figures"))

@@ -29,6 +29,7 @@ rule figures:
         fits=FITS[0],
         compute=COMPUTE,
         multitask=MULTITASK,
+        experts=TRAINED_EXPERTS,
     output:
         figure_outputs(),
     params:
@@ -42,7 +43,8 @@ rule figures:
         FIT_ENV
     shell:
         "mergelaws figures --config {params.config} --losses {input.losses} --fits {input.fits} "
-        "--compute {input.compute} --multitask {input.multitask} --out {params.out} 2>&1 | tee {log}"
+        "--compute {input.compute} --multitask {input.multitask} --experts {input.experts} "
+        "--out {params.out} 2>&1 | tee {log}"
 
 
 rule compute:

@@ -145,10 +145,10 @@ def test_every_job_ran_inside_its_env_and_the_table_is_complete(conda_run):
     prefixes = {Path(line.split()[2]).name: line.split()[2] for line in log if line.startswith("create ")}
     activations = [line.split()[1] for line in log if line.startswith("activate ")]
     fit_env = next(p for p in prefixes.values() if (Path(p + ".yaml")).read_text().startswith("# Conda environment for the final"))
-    # each env's post-deploy script, then the jobs: 2 sizes x 3 domains trained, 2 sweeps,
-    # aggregate (torch env); fit, figures, plan (fit env)
-    assert len(activations) == 2 + 6 + 2 + 1 + 3, activations
-    assert activations.count(fit_env) == 1 + 3
+    # each env's post-deploy script, then the jobs: 2 sizes x 3 domains trained, 2 multitask
+    # models, 2 sweeps, aggregate (torch env); fit, compute, figures, plan (fit env)
+    assert len(activations) == 2 + 6 + 2 + 2 + 1 + 4, activations
+    assert activations.count(fit_env) == 1 + 4
     table = pd.read_parquet(work / "results" / "losses.parquet")
     assert set(table["size"]) == {"xs", "s"} and (table["status"] == "ok").all()
     assert table["loss"].between(0.5, 10).all()
@@ -168,6 +168,8 @@ def test_the_fit_env_has_no_torch_and_its_rules_do_not_need_it(conda_run):
     out = subprocess.run([str(fit_prefix / "bin" / "mergelaws"), "plan", str(work / "results" / "losses.parquet"),
                           "--fits", str(work / "results" / "fits" / "fits.json"),
                           "--config", str(work / "results" / "config.resolved.yaml"),
+                          "--compute", str(work / "results" / "compute.csv"), "--multitask",
+                          *sorted(str(p) for p in (work / "results" / "multitask").glob("*/losses.parquet")),
                           "--out", str(work / "plan-again")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (work / "plan-again" / "plan.md").read_text() == (work / "results" / "plan.md").read_text()

@@ -94,7 +94,7 @@ def test_cpu_overlay_keys():
     base, cpu = load(SLURM), load(SLURM_CPU)
     # the overlay REPLACES default-resources and set-resources: it must restate what it needs
     assert set(base["default-resources"]) - {"slurm_partition", "slurm_account"} <= set(cpu["default-resources"])
-    for rule in ("train", "sweep", "pretrain"):
+    for rule in ("train", "multitask", "sweep", "pretrain", "theory", "downstream"):  # every rule with a gpu
         assert cpu["set-resources"][rule]["gpu"] == 0
     assert "executor" not in cpu  # inherited from profiles/slurm
     # without slurmdbd the default status command (sacct) hangs forever: squeue, polled early
@@ -166,13 +166,14 @@ def test_dry_run_slurm_micro():
     n_sizes, n_domains, n_methods = len(grid.sizes(cfg)), len(grid.domains(cfg)), len(grid.methods(cfg))
     assert stats["train"] == n_sizes * n_domains
     assert stats["sweep"] == n_sizes * n_methods
-    assert stats["aggregate"] == stats["fit"] == stats["figures"] == 1
+    assert stats["aggregate"] == stats["fit"] == stats["figures"] == stats["compute"] == 1
+    assert stats["multitask"] == n_sizes
     assert "pretrain" not in stats and "tokenizer" not in stats  # shipped bases
     jobs = planned_jobs(out)
     assert Counter(j["rule"] for j in jobs) == Counter({k: v for k, v in stats.items() if k != "total"})
     for job in jobs:
         res = job["resources"]
-        if job["rule"] in ("train", "sweep"):
+        if job["rule"] in ("train", "multitask", "sweep"):
             # from config/micro.yaml's resources.default
             assert (res["mem_mb"], res["runtime"], res["cpus_per_task"], res["gpu"]) == ("1500", "10", "1", "0")
         elif job["rule"] != "all":
@@ -189,7 +190,7 @@ def test_dry_run_slurm_with_cpu_overlay():
         res = job["resources"]
         assert res["slurm_partition"] == "debug"
         assert res["cpus_per_task"] == "1"
-        if job["rule"] in ("train", "sweep"):
+        if job["rule"] in ("train", "multitask", "sweep"):
             assert res["gpu"] == "0" and res["mem_mb"] == "1500"
         else:
             assert res["mem_mb"] == "1000"  # the overlay's default-resources replaced the base's
@@ -228,9 +229,10 @@ def test_dry_run_paper_job_count():
     # sweeps batched per (size, method, shard): hundreds of jobs, not one per subset
     n_sweeps = len(grid.methods(cfg)) * sum(grid.n_shards(cfg, s) for s in grid.sizes(cfg))
     assert stats["sweep"] == n_sweeps and 100 <= n_sweeps <= 1000
-    once = {k: v for k, v in stats.items() if k not in ("train", "sweep", "total")}
-    assert {"aggregate", "fit", "figures", "all"} <= set(once) and set(once.values()) == {1}
-    assert stats["total"] == 63 + n_sweeps + len(once)
+    assert stats["multitask"] == n  # the multitask reference of Table 13, one per size
+    once = {k: v for k, v in stats.items() if k not in ("train", "sweep", "multitask", "total")}
+    assert {"aggregate", "fit", "compute", "figures", "all"} <= set(once) and set(once.values()) == {1}
+    assert stats["total"] == 63 + n + n_sweeps + len(once)
 
 
 # ---- retries: memory and time grow with the attempt ---------------------------------------

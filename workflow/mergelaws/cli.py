@@ -98,6 +98,13 @@ def cmd_sweep(args) -> None:
     sweep.run_sweep(_cfg(args), args.size, args.method, args.out, shard=args.shard)
 
 
+def cmd_downstream(args) -> None:
+    from mergelaws import downstream
+
+    _threads(args.threads)
+    downstream.run_downstream(_cfg(args), args.size, args.method, args.out)
+
+
 def cmd_aggregate(args) -> None:
     from mergelaws import sweep
 
@@ -152,6 +159,8 @@ def cmd_figures(args) -> None:
     made += plots.more_figures(losses, fits, out, view=headline)  # Figs 6, 9b, 13-22 + their tables
     if mt is not None and len(mt):  # Fig 2: per-domain radar against the multitask model, its compute
         made += plots.plot_radar(losses, mt, out / "fig2_multitask", costs=costs)
+    # Figs 8, 11, 12 where the config (sampler: orders / full enumeration) and --experts allow
+    made += plots.order_figures(losses, cfg, out, view=headline, experts=args.experts, fits=fits)
     print(f"{len(made)} figure files -> {out} (headline view: {headline})")
 
 
@@ -331,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="1of1", help="which of the size's sweep shards, '<i>of<n>' (default 1of1)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
+    p = add("downstream", cmd_downstream, "lm-evaluation-harness scores of the merged subsets of one (size, method) "
+            "(downstream.tasks; App. K)")
+    p.add_argument("--size", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--out", required=True, help="table (parquet, + .csv): one row per (subset, task, metric)")
+    p.add_argument("--threads", type=int)
     p = add("aggregate", cmd_aggregate, "concatenate sweep tables into the losses table", config=False)
     p.add_argument("sweeps", nargs="+")
     p.add_argument("--out", required=True)
@@ -366,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("figures", cmd_figures, "draw the figures")
     p.add_argument("--multitask", nargs="*", default=[], help="the multitask model's losses tables")
     p.add_argument("--compute", help="the compute ledger (compute.csv), for Fig 2's compute panel")
+    p.add_argument("--experts", nargs="*", default=[],
+                   help="trained experts (their directories or config.json; the mergelaws_expert.json "
+                   "beside each is read, own experts without one are skipped), for Fig 11")
     p.add_argument("--losses", required=True)
     p.add_argument("--fits", required=True)
     p.add_argument("--out", required=True)
