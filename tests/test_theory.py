@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import domain_specs, noise_experts
 import torch
 
 from mergelaws.data import IGNORE, Example
@@ -234,24 +235,14 @@ DOMS = ["code", "quotes", "algebra"]
 
 @pytest.fixture(scope="module")
 def xs_run(tmp_path_factory):
-    from mergelaws import config, models
+    from mergelaws import config
     from mergelaws.sweep import aggregate, run_sweep
 
     work = tmp_path_factory.mktemp("theory")
     xs = ROOT / "data" / "bases" / "xs"
-    dirs = {}
-    for j, d in enumerate(DOMS):
-        m = models.load_model(xs)
-        g = torch.Generator().manual_seed(300 + j)
-        with torch.no_grad():
-            for p in models.float_state(m).values():
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-        models.save_model(m, work / d, tokenizer_from=xs)
-        dirs[d] = str(work / d)
-    dd = ROOT / "data" / "domains"
+    dirs = noise_experts(work, DOMS, 300, 0.02)
     raw = {"results": str(work / "results"),
-           "domains": {n: {"train": str(dd / n / "train.jsonl.gz"), "eval": str(dd / n / "eval.jsonl.gz")}
-                       for n in DOMS},
+           "domains": domain_specs(DOMS),
            "bases": {"xs": {"model": str(xs)}},
            "methods": {"average": {}, "ties": {"density": 0.5}},
            "sweep": {"k": "all", "subsets_per_k": 3, "device": "cpu"},

@@ -111,25 +111,8 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
                         replayed += 1
                     cursor = position[s.id] + 1
                 merger.merge(s.members, s.id, out=live)
-            bad = merger.last_nonfinite
-            if bad:
-                log(f"sweep {tag}: merge of subset {s.id} ({s.label}) has non-finite weights in "
-                    f"{bad[:3]}; recorded as failed (loss NaN), excluded from means and fits")
-            for d in doms:
-                counts = (len(evalsets[d]), encoded[d].skipped)
-                if bad:
-                    rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
-                                 *counts, "failed: non-finite weights"))
-                    continue
-                with merger.task_expert(d, live):  # task-aware methods: d's own sparse expert, then undone
-                    res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
-                                            batch_tokens=cfg["eval"]["batch_tokens"], device=device)
-                status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"
-                if status != "ok":
-                    log(f"sweep {tag}: subset {s.id} ({s.label}) gives a non-finite loss on {d}; "
-                        f"recorded as failed")
-                rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, res.loss, res.tokens,
-                             *counts, status))
+            rows += _evaluate_subset(s, cfg, size, method, n_params, model, tok, live, merger, encoded,
+                                     evalsets, device, tag, log)
             prog.update()
         progress.add(pd.DataFrame(rows, columns=COLUMNS))  # persisted before the next chunk starts
     prog.close()
@@ -167,7 +150,7 @@ def _evaluate_subset(s, cfg, size, method, n_params, model, tok, live, merger, e
             rows.append((size, n_params, method, s.k, s.id, s.label, d, d in s.members, float("nan"), 0,
                          *counts, "failed: non-finite weights"))
             continue
-        with merger.task_expert(d, live):
+        with merger.task_expert(d, live):  # task-aware methods: d's own sparse expert, then undone
             res = evaluate_examples(model, evalsets[d], pad_id=tok.pad_token_id,
                                     batch_tokens=cfg["eval"]["batch_tokens"], device=device)
         status = "ok" if math.isfinite(res.loss) else "failed: non-finite loss"

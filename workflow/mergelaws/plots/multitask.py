@@ -55,6 +55,18 @@ def radar_table(losses: pd.DataFrame, multitask: pd.DataFrame, size: str, method
     return pd.DataFrame(rows).T.reindex(columns=doms)
 
 
+def _matching_k(losses: pd.DataFrame, multitask: pd.DataFrame, size: str, method: str) -> int | None:
+    """The first k whose mean cross-domain loss is at or below the multitask model's (the plan's
+    'k measured'), or None."""
+    from mergelaws.laws import view_table
+
+    ref = multitask_reference(multitask).get(size)
+    t = view_table(losses, ["cross_domain"])
+    t = t[(t["size"].astype(str) == size) & (t["method"] == method) & (t["k"] >= 1)].sort_values("k")
+    hit = t[t["mean"] <= ref] if ref is not None else t.iloc[0:0]
+    return int(hit["k"].iloc[0]) if len(hit) else None
+
+
 def plot_radar(losses: pd.DataFrame, multitask: pd.DataFrame, out_stem: str | os.PathLike,
                method: str = "average", size: str | None = None,
                costs: Mapping[str, Mapping] | None = None, k_match: int | None = None) -> list[Path]:
@@ -104,7 +116,8 @@ def plot_radar(losses: pd.DataFrame, multitask: pd.DataFrame, out_stem: str | os
                   frameon=False)
         if inset:
             bx = fig.add_axes([0.72, 0.18, 0.25, 0.5])
-            k = k_match or max(int(s.split("= ")[1]) for s in series)
+            k = k_match or _matching_k(losses, multitask, str(size), method)
+            k = k or max(int(s.split("= ")[1]) for s in series)
             labels = ["multitask\n(train + eval)", f"merge k = {k}\n+ its experts", "merge only\n(experts exist)"]
             vals = [c["multitask"], k * c["expert"] + c["merge"], c["merge"]]
             bx.bar(range(3), vals, color=["#c0392b", cmap(0.5), cmap(0.85)], edgecolor="black", lw=0.6)
@@ -114,6 +127,8 @@ def plot_radar(losses: pd.DataFrame, multitask: pd.DataFrame, out_stem: str | os
             for i, val in enumerate(vals):
                 bx.text(i, val, f"{val:.0f} s" if val >= 10 else f"{val:.1f} s", ha="center", va="bottom",
                         fontsize=8)
-            bx.set_title(f"compute, measured (k = {k})", fontsize=10)
+            bx.set_title(f"compute, measured (k = {k})"
+                         + ("\nthe first k where merging\nmatches the multitask model" if k_match is None and
+                            _matching_k(losses, multitask, str(size), method) == k else ""), fontsize=9.5)
             bx.set_ylim(0, max(vals) * 1.18)
         return save_figure(fig, out_stem)
