@@ -186,3 +186,14 @@ def test_radar_values_and_figure(tmp_path):
     paths = plots.plot_loss_vs_k(view_table(losses), None, "cross_domain", tmp_path / "lk",
                                  reference=plots.multitask_reference(mt))
     assert paths[0].stat().st_size > 5000
+
+
+@pytest.mark.parametrize("argv", [
+    ["multitask", "--size", "nope", "--out", "X", "--table", "X.parquet"],
+    ["train", "--size", "xs", "--domain", "nope", "--out", "X"],
+    ["sweep", "--size", "xs", "--method", "nope", "--out", "X.parquet"],
+])
+def test_a_size_domain_or_method_not_in_the_config_is_one_line(argv, capsys, tmp_path):
+    rc = main([*argv, "--config", "config.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "'nope' is not in config.yaml's" in err

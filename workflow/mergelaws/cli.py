@@ -21,7 +21,14 @@ def _cfg(args, resolve_methods: bool = True):
     registry (it needs torch), for the commands that use method names only."""
     from mergelaws import config
 
-    return config.load(args.config, resolve_methods=resolve_methods)
+    cfg = config.load(args.config, resolve_methods=resolve_methods)
+    # --size / --domain / --method name entries of the config: refuse others in one line
+    for flag, key in (("size", "bases"), ("domain", "domains"), ("method", "methods")):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value not in cfg[key]:
+            raise config.ConfigError(f"--{flag} {value!r} is not in {args.config}'s {key}: "
+                                     f"one of {', '.join(map(str, cfg[key]))}")
+    return cfg
 
 
 def cmd_validate(args) -> None:
