@@ -13,8 +13,9 @@ paper's 7 sizes (0.5B-72B) and k = 1..9 (tests/synthetic.py).  Two designs:
 Every table is fitted as the fit step does (``fit_unified`` on the cell means, weights k),
 then bootstrapped both ways with the same ``n_boot`` (``bootstrap.unified_draws``), and
 the per-size law too (``bootstrap.bootstrap_draws``).  A parameter is covered when its true
-value is in the 95% percentile interval (to 1e-6: gamma and b sit at their bound 0 for most
-domains).  Writes benchmarks/results/interval_coverage.{csv,md} and prints the markdown.
+value is in its 95% interval (to 1e-6: gamma and b sit at their bound 0 for most domains;
+their intervals keep 0 only where the test of the bound does not reject it,
+``intervals.boundary_intervals``).  Writes benchmarks/results/interval_coverage.{csv,md} and prints the markdown.
 
     nice -n 10 .venv/bin/python benchmarks/interval_coverage.py            # 207 tables per design
     .venv/bin/python benchmarks/interval_coverage.py --seeds 2 --n-boot 100  # a quick look

@@ -160,3 +160,111 @@ def test_per_size_parametric_intervals():
     w_new = (pa["hi"] - pa["lo"])[pa["parameter"] == "L_inf"].to_numpy()
     w_old = (old["hi"] - old["lo"])[old["parameter"] == "L_inf"].to_numpy()
     assert (w_new > w_old).mean() >= 0.75, (w_new, w_old)
+
+
+# --------------------------------------------------------------------------------------
+# The boundary rule (intervals.boundary_intervals): gamma / b keep their bound 0 in the
+# interval only where the parametric-bootstrap test of "q = 0" does not reject it
+# --------------------------------------------------------------------------------------
+
+
+def fake_draws(centres: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """Converged replicates of the unified law, per centre: {centre: {param: values}}
+    (missing params 0.5; at_bound_<p> where a value sits at 0)."""
+    parts = []
+    for c, vals in centres.items():
+        n = len(next(iter(vals.values())))
+        d = pd.DataFrame({p: np.asarray(vals.get(p, np.full(n, 0.5)), dtype=float)
+                          for p in laws.UNIFIED_PARAMS})
+        for p in laws.UNIFIED_PARAMS:
+            d[f"at_bound_{p}"] = d[p] <= 0.0
+        d["converged"] = True
+        d["centre"] = c
+        parts.append(d)
+    return pd.concat(parts, ignore_index=True)
+
+
+def symmetric(centre: float, half: float, n: int = 201) -> np.ndarray:
+    """n values evenly spread on centre +- half: the estimate ``centre`` is their median,
+    so the bias-corrected percentile interval is the percentile one."""
+    return centre + np.linspace(-half, half, n)
+
+
+def test_bound_pvalue():
+    from mergelaws.laws.intervals import bound_pvalue, held_params
+    assert bound_pvalue([0.0, 0.0, 0.0, 0.1, 0.2], 0.15) == pytest.approx(2 / 6)
+    assert bound_pvalue([0.0] * 199, 0.3) == pytest.approx(1 / 200)  # nothing reaches it
+    assert bound_pvalue([], 0.3) == 1.0  # no test: the bound is kept
+    assert held_params("gamma=bound,b=bound") == ("gamma", "b")
+    assert held_params("fit") == held_params("subsets") == ()
+
+
+def test_boundary_rule_known_answers():
+    from mergelaws.laws.intervals import boundary_intervals, percentile_interval
+    n = 201
+    # 1. gamma's estimate on the bound: no gamma centre (the fit is it); half the replicates
+    # sit at 0, so the interval is one-sided, [0, the 97.5% percentile]
+    g = np.r_[np.zeros(100), np.linspace(0.01, 0.4, 101)]
+    est = {"A0": 0.5, "gamma": 0.0, "b": 0.5}
+    ci = boundary_intervals(fake_draws({"fit": {"gamma": g}}), est, 0.95)
+    assert ci["gamma"] == (0.0, pytest.approx(np.percentile(g, 97.5)))
+
+    # 2. gamma far from the bound, b near it: the gamma = 0 centre's refits never reach
+    # gamma's estimate (p = 1/201 < 5%: rejected); the b = 0 centre's often reach b's
+    # (not rejected)
+    fit = {"A0": symmetric(0.5, 0.1), "gamma": symmetric(1.0, 0.2), "b": symmetric(0.05, 0.2)}
+    fit["b"] = np.maximum(fit["b"], 0.0)  # b's replicates pile up at the bound
+    draws = fake_draws({
+        "fit": fit,
+        "gamma=bound": {"A0": symmetric(0.3, 0.1), "gamma": np.linspace(0.0, 0.5, n)},
+        "b=bound": {"A0": symmetric(0.4, 0.1), "b": np.linspace(0.0, 0.6, n)},
+        "gamma=bound,b=bound": {"A0": symmetric(0.2, 0.1), "gamma": np.linspace(0, 5.0, n),
+                                "b": np.linspace(0, 5.0, n)}})
+    ci = boundary_intervals(draws, {"A0": 0.5, "gamma": 1.0, "b": 0.05}, 0.95)
+    # gamma: the plain percentile interval of the fit's replicates (BC = percentile here)
+    assert ci["gamma"] == pytest.approx(percentile_interval(fit["gamma"], 0.95))
+    assert ci["gamma"][0] > 0.5
+    # b: kept at the bound, joined with its own centre only (not the joint one, which
+    # reaches 5)
+    assert ci["b"][0] == 0.0
+    assert ci["b"][1] == pytest.approx(max(np.percentile(fit["b"], 97.5),
+                                           np.percentile(np.linspace(0.0, 0.6, n), 97.5)))
+    # A0: the fit and the b = 0 centre, not the rejected gamma = 0 one nor the joint one
+    lo_a0 = min(np.percentile(fit["A0"], 2.5), np.percentile(symmetric(0.4, 0.1), 2.5))
+    assert ci["A0"] == pytest.approx((lo_a0, np.percentile(fit["A0"], 97.5)))
+
+    # 3. gamma rejected, yet 5% of the fit's replicates reach 0: the bound is left out,
+    # the lower end the 2.5% percentile of the replicates off it
+    g = np.r_[np.zeros(10), np.linspace(0.2, 0.6, 191)]
+    draws = fake_draws({"fit": {"gamma": g}, "gamma=bound": {"gamma": np.zeros(n)}})
+    ci = boundary_intervals(draws, {"A0": 0.5, "gamma": 0.4, "b": 0.5}, 0.95)
+    assert percentile_interval(g, 0.95)[0] == 0.0  # the plain interval would keep it
+    assert ci["gamma"][0] == pytest.approx(np.percentile(g[10:], 2.5)) and ci["gamma"][0] > 0.2
+
+    # 4. neither rejected: gamma's interval reaches 0 through its centre; the joint centre
+    # joins A0's interval
+    draws = fake_draws({
+        "fit": {"A0": symmetric(0.5, 0.1), "gamma": symmetric(0.15, 0.1)},
+        "gamma=bound": {"A0": symmetric(0.45, 0.1),
+                        "gamma": np.r_[np.zeros(100), np.linspace(0.01, 0.3, 101)]},
+        "b=bound": {"A0": symmetric(0.5, 0.1), "b": np.linspace(0.0, 1.0, n)},
+        "gamma=bound,b=bound": {"A0": symmetric(0.3, 0.1)}})
+    ci = boundary_intervals(draws, {"A0": 0.5, "gamma": 0.15, "b": 0.5}, 0.95)
+    assert ci["gamma"][0] == 0.0
+    assert ci["A0"][0] == pytest.approx(np.percentile(symmetric(0.3, 0.1), 2.5))
+
+
+def test_unified_draws_boundary_centres():
+    """Every (gamma, b) boundary centre is drawn for an estimate off both bounds; the
+    summary's tail intervals are boundary_intervals' (the test, not a share at the bound)."""
+    from mergelaws.laws.intervals import boundary_intervals
+    values = table(np.random.default_rng(3))
+    f = point_fit(values)
+    assert f.gamma > 0 and f.b > 0
+    d = unified_draws(values, f, n_boot=40, seed=1)
+    assert set(d["centre"]) == {"fit", "gamma=bound", "b=bound", "gamma=bound,b=bound"}
+    s = summarise_unified(f, d)["ci"]
+    ok = d[d["converged"].astype(bool)]
+    ci = boundary_intervals(ok, {p: getattr(f, p) for p in laws.UNIFIED_PARAMS}, 0.95)
+    for p in ("A0", "gamma", "b"):
+        assert (s[p].lo, s[p].hi) == pytest.approx(ci[p])

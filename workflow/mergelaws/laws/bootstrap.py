@@ -37,12 +37,11 @@ import numpy as np
 import pandas as pd
 
 from mergelaws.laws.intervals import (
-    BOUNDARY_FRAC,
     BOUNDARY_FRAC_PER_SIZE,
-    BOUNDARY_JOINED,
     BOUNDARY_PARAMS,
     DEFAULT_INTERVAL,
     batch_rows,
+    boundary_intervals,
     cell_moments,
     check_interval,
     fit_unified_batch,
@@ -339,14 +338,14 @@ def unified_draws(values: pd.DataFrame, point: UnifiedFit, n_boot: int = 200, se
     observed sems), loss and bounds (Huber with an automatic threshold: the point fit's
     threshold, fixed).  Least-squares replicates are refitted all at once
     (``intervals.fit_unified_batch``), Huber ones one by one (``fit_unified``).
-    Parametric: when >= ``BOUNDARY_FRAC`` of the replicates put gamma or b
-    (``intervals.BOUNDARY_PARAMS``) at its lower bound, the data allow it there: the same
-    noise is also added to the fit with it (and with both, when both qualify) held at the
-    bound and refitted (``centre`` "<p>=bound"; ``summarise_unified`` joins the
-    intervals; nothing to add when the fit has them there already), because the
-    replicates of an estimate off a bound do not show the estimate's own sampling
-    distribution when the truth sits on it (A0 and b trade off, so an estimate with b > 0
-    also overstates A0).
+    Parametric: the same noise is also added to the fit with gamma, b
+    (``intervals.BOUNDARY_PARAMS``) and both held at their lower bounds and refitted
+    (``centre`` "gamma=bound", "b=bound", "gamma=bound,b=bound"; none that the fit is
+    itself, with those parameters on the bound already), because the replicates of an
+    estimate off a bound do not show the estimate's own sampling distribution when the truth
+    sits on it (A0 and b trade off, so an estimate with b > 0 also overstates A0): each
+    centre is the null of the test of its parameter at the bound, and, where that test does
+    not reject, joins the intervals (``summarise_unified``, ``intervals.boundary_intervals``).
     The random stream is seeded by (``seed``, ``key``), so a (method, view)'s draws do not
     depend on the other fits.  Returns one row per replicate: rep, the six parameters, rmse,
     converged, ``at_bound_<p>`` flags and ``centre`` ("fit": around the point estimate).
@@ -377,11 +376,10 @@ def unified_draws(values: pd.DataFrame, point: UnifiedFit, n_boot: int = 200, se
     x0 = np.array([getattr(point, p) for p in UNIFIED_PARAMS], dtype=float)
     lo = {q: bnds[q][0] for q in BOUNDARY_PARAMS}
     tol = {q: 1e-6 * max(1.0, bnds[q][1] - bnds[q][0]) for q in BOUNDARY_PARAMS}
-    # the parameters the data allow at their lower bound, and which the fit has there
-    near = [q for q in BOUNDARY_PARAMS if np.mean(d[q].to_numpy() <= lo[q] + tol[q]) >= BOUNDARY_FRAC]
+    # the parameters the fit has at their lower bound already
     on = {q for q in BOUNDARY_PARAMS if x0[UNIFIED_PARAMS.index(q)] <= lo[q] + tol[q]}
-    for r in range(1, len(near) + 1):
-        for S in itertools.combinations(near, r):
+    for r in range(1, len(BOUNDARY_PARAMS) + 1):
+        for S in itertools.combinations(BOUNDARY_PARAMS, r):
             if set(S) <= on:
                 continue  # the fit itself is this centre
             # bootstrap from the fit with the parameters of S at their bounds, too
@@ -428,18 +426,22 @@ def summarise_unified(point: UnifiedFit, draws: pd.DataFrame, level: float = 0.9
     L*, B and beta: the percentile intervals of the replicates around the fit (or of the
     resampled subsets).  A0, gamma and b (``intervals.BOUNDARY_JOINED``), parametric: the
     union of the percentile and bias-corrected percentile intervals of the replicates
-    around the fit and the percentile intervals around each boundary centre (see
-    ``unified_draws``).  sd, median, the share at a bound, ``n_boot`` and the converged
-    share are those of the replicates around the fit."""
+    around the fit and the percentile intervals around the boundary centres (see
+    ``unified_draws``) that the test of gamma / b at the bound keeps, gamma and b each only
+    its own, their lower end off the bound where the test rejects it
+    (``intervals.boundary_intervals``).  sd, median, the share at a bound, ``n_boot`` and the
+    converged share are those of the replicates around the fit."""
     okall = draws[draws["converged"].astype(bool)] if len(draws) else draws
     main = main_centre(draws)
     ok = main[main["converged"].astype(bool)] if len(main) else main
+    tail = (boundary_intervals(okall, {p: getattr(point, p) for p in UNIFIED_PARAMS}, level)
+            if len(okall) else {})
     ci = {}
     for p in UNIFIED_PARAMS:
         v = ok[p].to_numpy(dtype=float) if len(ok) else np.array([])
         v = v[np.isfinite(v)]
-        if p in BOUNDARY_JOINED and len(okall):
-            lo, hi = union_interval(okall, p, level, getattr(point, p))
+        if p in tail:
+            lo, hi = tail[p]
         else:
             lo, hi = percentile_interval(v, level)
         ci[p] = Interval(lo=lo, hi=hi,

@@ -19,14 +19,30 @@ the residual variance of the fit (weights as inverse variances).  Every replicat
 from the point estimate (``fit_unified_batch``: all replicates at once; the per-size law by
 ``bootstrap.fit_per_size_batch``), and the intervals are percentiles of the refits.
 
-Where a parameter of the tail sits at (or its replicates reach) its lower bound 0 -- the
-paper's Tables 3-5 put gamma and b there for most domains -- an estimate off the bound is
-biased (A0 trades off against gamma and b), and replicates drawn around it miss the truth:
-the replicates are also drawn around the fit with gamma and/or b held at 0
-(``BOUNDARY_FRAC``, ``BOUNDARY_PARAMS``; the per-size law: b, ``BOUNDARY_FRAC_PER_SIZE``), and
-the intervals of A0, gamma and b (``BOUNDARY_JOINED``) join those centres' percentile
-intervals and a bias-corrected percentile interval (``union_interval``).  The coverage
-this gives, per parameter and design, is measured by benchmarks/interval_coverage.py.
+Where a parameter of the tail sits at (or near) its lower bound 0 -- the paper's Tables 3-5
+put gamma and b there for most domains -- an estimate off the bound is biased (A0 trades off
+against gamma and b), and replicates drawn around it miss the truth: the replicates are also
+drawn around the fit with gamma and/or b held at 0 (a "centre" per non-empty subset of
+``BOUNDARY_PARAMS``).  Whether the bound belongs in an interval is decided by a test, not by
+the replicates around the fit merely reaching it (they reach it for almost every table whose
+gamma is 0 and for many whose gamma is merely small, which made gamma's intervals cover
+100%): for q in gamma, b, the parametric-bootstrap test of "q = 0" takes the centre with q
+held at 0 (the other parameters refitted) as the null and the estimate as the statistic,
+p = (1 + #{q* >= q_hat}) / (1 + n) over that centre's refits (``bound_pvalue``; p = 1 when
+the estimate is on the bound or the centre could not be fitted), and rejects when
+p < 1 - level.  A centre is kept when none of the parameters it holds is rejected.  The
+interval of q joins the percentile and bias-corrected percentile intervals of the
+replicates around the fit with the percentile interval of its own centre, if kept (so an
+estimate on the bound, or one the test cannot tell from it, gets [0, upper end]); when the
+test rejects, the bound is left out: the lower end is at least the (1 - level)/2 percentile
+of the fit's replicates off the bound.  The interval of A0, which the test does not cover,
+joins those of every kept centre, the joint one included (``boundary_intervals``).  The
+interval of q thus inverts q's own test, so a q at its bound is covered about
+level of the time (the joint centre's projection onto q would cover it more often).  The
+per-size law keeps a simpler rule for its b: when >= ``BOUNDARY_FRAC_PER_SIZE`` of the
+replicates reach the bound, they are also drawn around the fit with b there, and the
+intervals join (``union_interval``).  The coverage this gives, per parameter and design, is
+measured by benchmarks/interval_coverage.py.
 """
 
 from __future__ import annotations
@@ -37,10 +53,10 @@ from scipy import stats
 
 from mergelaws.laws.unified import UNIFIED_PARAMS
 
-__all__ = ["INTERVALS", "DEFAULT_INTERVAL", "PRIOR_DOF", "BOUNDARY_FRAC",
-           "BOUNDARY_FRAC_PER_SIZE",
+__all__ = ["INTERVALS", "DEFAULT_INTERVAL", "PRIOR_DOF", "BOUNDARY_FRAC_PER_SIZE",
            "BOUNDARY_PARAMS", "BOUNDARY_JOINED", "cell_moments", "unified_cell_moments",
            "parametric_noise", "percentile_interval", "bc_interval", "union_interval",
+           "bound_pvalue", "held_params", "boundary_intervals",
            "main_centre", "batch_rows", "check_interval", "cell_stats",
            "cell_noise_sd", "residual_noise_sd", "fit_unified_batch"]
 
@@ -50,17 +66,16 @@ INTERVALS: tuple[str, ...] = ("parametric", "subsets")
 DEFAULT_INTERVAL = "parametric"
 #: pseudo degrees of freedom of the variance law when it is combined with a cell's own variance
 PRIOR_DOF = 10.0
-#: the unified law: gamma / b, when this share of the replicates around the fit reach
-#: their lower bound (the bound is inside a 99% interval), are also bootstrapped from the
-#: fit with them held there (benchmarks/interval_coverage.py chose it)
-BOUNDARY_FRAC = 0.005
-#: the same for b of the per-size law (the bound inside a 95% interval)
+#: the per-size law: b, when this share of the replicates around the fit reach its lower
+#: bound (the bound inside a 95% interval), is also bootstrapped from the fit with it held there
 BOUNDARY_FRAC_PER_SIZE = 0.025
-#: the unified law's parameters treated so (the paper's Tables 3-5 put gamma and b at 0)
+#: the unified law's parameters tested at their lower bound and bootstrapped from the fit
+#: with them held there (the paper's Tables 3-5 put gamma and b at 0; module docstring)
 BOUNDARY_PARAMS: tuple[str, ...] = ("gamma", "b")
-#: the parameters of the tail A0 N^-gamma / (k + b), whose intervals join the boundary
-#: centres' and a bias-corrected percentile interval (A0 trades off against gamma and b, so
-#: its estimate is biased upwards when they sit at 0); L*, B, beta keep the percentile one
+#: the parameters of the tail A0 N^-gamma / (k + b), whose intervals join a bias-corrected
+#: percentile interval and the kept boundary centres' (``boundary_intervals``; A0 trades off
+#: against gamma and b, so its estimate is biased upwards when they sit at 0); L*, B, beta
+#: keep the percentile one
 BOUNDARY_JOINED: tuple[str, ...] = ("A0", "gamma", "b")
 
 
@@ -265,6 +280,59 @@ def union_interval(ok: pd.DataFrame, name: str, level: float,
     if not los or np.all(np.isnan(los)):
         return float("nan"), float("nan")
     return float(np.nanmin(los)), float(np.nanmax(his))
+
+
+def bound_pvalue(null_values, estimate: float) -> float:
+    """The parametric-bootstrap p-value of "the parameter sits at its lower bound":
+    (1 + #{v >= estimate}) / (1 + n) over ``null_values``, the parameter's refits of the
+    replicates drawn around the fit with it held at the bound; 1.0 when there are none."""
+    v = np.asarray(null_values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size or not np.isfinite(estimate):
+        return 1.0
+    return float((1 + np.count_nonzero(v >= estimate)) / (1 + v.size))
+
+
+def held_params(centre: str) -> tuple[str, ...]:
+    """The parameters a bootstrap centre holds at their bound ("gamma=bound,b=bound" ->
+    ("gamma", "b"); "fit" / "subsets" -> ())."""
+    return tuple(c[: -len("=bound")] for c in str(centre).split(",") if c.endswith("=bound"))
+
+
+def boundary_intervals(ok: pd.DataFrame, estimates: dict, level: float,
+                       params: tuple[str, ...] = BOUNDARY_JOINED,
+                       tested: tuple[str, ...] = BOUNDARY_PARAMS) -> dict[str, tuple[float, float]]:
+    """The intervals of the tail's parameters ``params`` from the converged replicates ``ok``
+    of every centre (module docstring).
+
+    For q in ``tested``: p = ``bound_pvalue`` of the estimate against the centre "q=bound"
+    (1 without it), rejected when p < 1 - level; a centre is kept when none of the
+    parameters it holds is rejected.  q's interval: ``union_interval`` of the main
+    replicates ("fit" / "subsets") and, if kept, its own centre; when rejected, its lower
+    end is at least the (1 - level)/2 percentile of the main replicates off the bound
+    (``at_bound_q`` false).  Any other parameter (A0): the main replicates and every kept
+    centre.  Returns {p: (lo, hi)}."""
+    centre = ok["centre"].astype(str) if "centre" in ok else pd.Series("fit", index=ok.index)
+    main_rows = centre.isin(["fit", "subsets"])
+    rejected = {}
+    for q in tested:
+        null = ok.loc[centre == f"{q}=bound", q] if q in ok else pd.Series(dtype=float)
+        rejected[q] = bound_pvalue(null.to_numpy(dtype=float), estimates[q]) < 1.0 - level
+    kept = {c for c in centre.unique()
+            if held_params(c) and not any(rejected.get(q, False) for q in held_params(c))}
+    out = {}
+    for p in params:
+        own = ({f"{p}=bound"} & kept) if p in tested else kept
+        sel = ok[main_rows | centre.isin(own)]
+        lo, hi = union_interval(sel, p, level, estimates[p])
+        if rejected.get(p, False) and f"at_bound_{p}" in ok:
+            m = ok[main_rows]
+            v = m.loc[~m[f"at_bound_{p}"].astype(bool), p].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size:
+                lo = max(lo, percentile_interval(v, level)[0])
+        out[p] = (lo, hi)
+    return out
 
 
 def main_centre(d: pd.DataFrame) -> pd.DataFrame:
