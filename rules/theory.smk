@@ -14,6 +14,7 @@ rule theory:
         config=RESOLVED,
         evaluation=CFG["eval"],
         methods=CFG["methods"],
+        theory=CFG["theory"],  # the sampled variant's fractions and seed: a change reruns the rule
     threads: threads_for("theory")
     resources:
         mem_mb=res("theory", "mem_mb", 8000),

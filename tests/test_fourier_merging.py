@@ -1,8 +1,8 @@
 """fr_merging and free_merging (workflow/mergelaws/merging/fourier.py): against a direct numpy
 reference (float64 FFT, loops), the filter's properties (identity on square matrices at ratio 0.9,
 high-pass on rectangular ones), the SUM combine, the lightweight expert, the engine's apply/restore
-of it, the mergekit front end, and a real tiny sweep where free_merging's cross-domain rows are
-fr_merging's bit for bit and its in-domain rows are not."""
+of it, the mergekit front end (free_merging with `mergelaws merge --task`), and a real tiny sweep
+where free_merging's cross-domain rows are fr_merging's bit for bit and its in-domain rows are not."""
 
 from __future__ import annotations
 
@@ -331,6 +331,86 @@ def test_mergelaws_merge_fourier_yaml_is_fr_merging(setup, tmp_path):
         assert torch.equal(got[n], ref[n]), n
     assert MY.parse_config(dict(cfg, merge_method="fr_merging")).method == "fr_merging"
     assert models.load_model(tmp_path / "out") is not None
+
+
+def _merge_yaml(tmp_path, method, dirs):
+    import yaml
+
+    cfg = {"merge_method": method, "base_model": str(XS), "dtype": "float32",
+           "models": [{"model": dirs[d], "parameters": {"weight": 0.8}} for d in DOMS],
+           "parameters": {"lambda": 1.1}}
+    path = tmp_path / f"{method}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_mergelaws_merge_free_merging_adds_the_task_expert(setup, tmp_path, capsys):
+    """`mergelaws merge` with merge_method free_merging and --task DOMAIN: the checkpoint is the
+    fr_merging checkpoint plus exactly DOMAIN's top-1% lightweight expert, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    from mergelaws import cli
+
+    _, _, dirs = setup
+    fr_out, free_out = tmp_path / "fr", tmp_path / "free"
+    assert cli.main(["merge", str(_merge_yaml(tmp_path, "fr_merging", dirs)), str(fr_out)]) == 0
+    assert cli.main(["merge", str(_merge_yaml(tmp_path, "free_merging", dirs)), str(free_out),
+                     "--task", "quotes"]) == 0
+    fr, free = load_file(fr_out / "model.safetensors"), load_file(free_out / "model.safetensors")
+    base, expert = _state(), _state(dirs["quotes"])
+    assert set(fr) == set(free)
+    changed = 0
+    for n in fr:
+        e = M.free_expert(expert[n] - base[n], expert_density=0.01)
+        assert torch.equal(free[n], torch.where(e != 0, fr[n] + e, fr[n])), n
+        assert torch.equal(free[n] != fr[n], e != 0), n  # changed exactly at the expert's entries
+        changed += int((e != 0).sum())
+    assert changed == sum(math.floor(0.01 * t.numel()) for n, t in fr.items())  # top 1% of every tensor
+    import json
+
+    assert json.loads((free_out / "mergelaws_merge.json").read_text())["task_model"] == dirs["quotes"]
+    # another domain's expert gives another checkpoint
+    other = tmp_path / "free_code"
+    assert cli.main(["merge", str(_merge_yaml(tmp_path, "free_merging", dirs)), str(other), "--task", "code"]) == 0
+    assert not torch.equal(load_file(other / "model.safetensors")["model.embed_tokens.weight"],
+                           free["model.embed_tokens.weight"])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("method,args,needles", [
+    ("free_merging", [], ["pass --task DOMAIN (one of code, quotes, algebra)", "fr_merging"]),
+    ("free_merging", ["--task", "poetry"], ["--task 'poetry' is not the domain of a merged model",
+                                            "one of code, quotes, algebra"]),
+    ("fr_merging", ["--task", "code"], ["--task is only for task-aware methods", "drop --task"]),
+])
+def test_mergelaws_merge_task_errors_are_one_line(setup, tmp_path, capsys, method, args, needles):
+    from mergelaws import cli
+
+    _, _, dirs = setup
+    out = tmp_path / "out"
+    assert cli.main(["merge", str(_merge_yaml(tmp_path, method, dirs)), str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergelaws merge: error: ") and "Traceback" not in err[0], err
+    assert all(n in err[0] for n in needles), err
+    assert not out.exists()
+
+
+def test_merge_task_domain_comes_from_the_expert_record(tmp_path):
+    from mergelaws import cli
+    from mergelaws.merging import mergekit as MY
+
+    (tmp_path / "run7").mkdir()
+    (tmp_path / "run7" / "mergelaws_expert.json").write_text('{"domain": "algebra", "size": "xs"}')
+    (tmp_path / "code").mkdir()
+    assert cli._expert_domain(str(tmp_path / "run7")) == "algebra"  # the train rule's record
+    assert cli._expert_domain(str(tmp_path / "code")) == "code"  # else the directory's name
+    plan = MY.parse_config({"merge_method": "free_merging", "base_model": str(XS),
+                            "models": [{"model": str(tmp_path / "code"), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MY.MergeYamlError, match="give the task"):
+        MY.check_task(plan, None)  # the Python API refuses too: it would silently be FR-Merging
+    with pytest.raises(MY.MergeYamlError, match="not a model index"):
+        MY.check_task(plan, 1)
+    MY.check_task(plan, 0)
 
 
 def test_free_merging_sweep_rows(setup):

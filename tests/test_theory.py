@@ -3,6 +3,8 @@
 * a quadratic loss, where the model's subset losses, finite-pool mean and variance are exact;
 * a tiny Llama, where the JVP Gram equals v_i^T (J^T (diag p - p p^T) J) v_j from the dense
   Jacobian, the JVP equals a central finite difference and g^T v_i equals the autograd gradient's;
+* the sampled variant: seeded per-domain samples, its control variates and level, its cost;
+  with both fractions 1 it is the weights variant exactly;
 * the shipped xs base with three quickly made experts, swept and predicted end to end.
 """
 
@@ -262,19 +264,23 @@ def test_predict_end_to_end(xs_run):
     summ = run_predict(copy.deepcopy(cfg), "xs", out, losses=work / "losses.parquet", expert_dirs=dirs,
                        log=logs.append)
     pred = pd.read_parquet(out)
-    assert set(pred["variant"]) == {"theta0", "center", "calibrated", "weights"}
+    assert set(pred["variant"]) == {"theta0", "center", "calibrated", "weights", "sampled"}
     assert set(pred["method"]) == {"average"}
     assert "ties" in summ["out_of_scope"] and any("ties not predicted" in s for s in logs)
     losses = pd.read_parquet(work / "losses.parquet")
     full = losses[losses["k"] == len(DOMS)].set_index("eval_domain")["loss"]
-    for variant in ("center", "calibrated", "weights"):  # expanded at the merge of all: exact there
+    for variant in ("center", "calibrated", "weights", "sampled"):  # expanded at the merge of all: exact there
         got = pred[(pred["variant"] == variant) & (pred["k"] == len(DOMS))].set_index("eval_domain")["loss"]
         np.testing.assert_allclose(got[full.index], full, rtol=1e-4)
     ones = losses[losses["k"] == 1].set_index(["members", "eval_domain"])["loss"]
     cal = pred[(pred["variant"] == "calibrated") & (pred["k"] == 1)].set_index(["members", "eval_domain"])["loss"]
     np.testing.assert_allclose(cal[ones.index], ones, rtol=1e-3)  # calibrated on the single experts
     scores = pd.read_csv(work / "theory" / "xs_compare.csv")
-    assert set(scores["variant"]) == {"theta0", "center", "calibrated", "weights"}
+    assert set(scores["variant"]) == {"theta0", "center", "calibrated", "weights", "sampled"}
+    sampled = scores[scores["variant"] == "sampled"].iloc[0]  # its cost: a fraction of weights'
+    assert sampled["forward_equivalents"] < scores[scores["variant"] == "weights"].iloc[0]["forward_equivalents"]
+    assert sampled["enumeration_subsets"] == 2 ** len(DOMS) - 1
+    assert summ["methods"]["average"]["sampled"]["sample"]["examples"] == {d: 1 for d in DOMS}
     center = scores[scores["variant"] == "center"].iloc[0]
     assert center["spearman"] > 0.9
     assert (work / "theory" / "xs_compare.png").stat().st_size > 0
@@ -289,3 +295,201 @@ def test_predict_bad_input_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "size 'nope'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- the sampled variant: per-domain samples, control variates, its cost ----------------------
+
+def _evalsets(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for d, n in sizes.items():
+        exs = []
+        for _ in range(n):
+            m = int(rng.integers(4, 9))
+            ids = rng.integers(1, 11, size=m).tolist()
+            exs.append(Example(ids, [IGNORE] * 2 + ids[2:]))
+        out[d] = exs
+    return out
+
+
+def test_subsample_is_seeded_stratified_and_nested():
+    from mergelaws.theory.quantities import complement, subsample
+
+    sets = _evalsets({"a": 12, "b": 12, "c": 5, "d": 1})
+    s1 = subsample(sets, 0.25, seed=3)
+    assert {d: len(v) for d, v in s1.items()} == {"a": 3, "b": 3, "c": 2, "d": 1}  # ceil, at least one
+    again = subsample(sets, 0.25, seed=3)
+    assert all([id(e) for e in s1[d]] == [id(e) for e in again[d]] for d in sets)  # deterministic
+    for d, v in s1.items():  # the domain's own examples, in their original order
+        idx = [next(i for i, e in enumerate(sets[d]) if e is x) for x in v]
+        assert idx == sorted(idx) and len(set(idx)) == len(idx)
+    # a domain's sample does not depend on the other domains (seeded by the domain's name)
+    alone = subsample({"a": sets["a"]}, 0.25, seed=3)
+    assert [id(e) for e in alone["a"]] == [id(e) for e in s1["a"]]
+    # another seed draws another sample; a smaller fraction's sample lies inside a larger one's
+    assert any([id(e) for e in subsample(sets, 0.25, seed=s)["a"]] != [id(e) for e in s1["a"]] for s in range(4, 9))
+    big = subsample(sets, 0.5, seed=3)
+    assert all({id(e) for e in s1[d]} <= {id(e) for e in big[d]} for d in sets)
+    assert subsample(sets, 1.0) is sets
+    rest = complement(sets, big)
+    for d in sets:
+        assert len(rest[d]) + len(big[d]) == len(sets[d])
+        assert not {id(e) for e in rest[d]} & {id(e) for e in big[d]}
+    with pytest.raises(ValueError):
+        subsample(sets, 0.0)
+
+
+def test_losses_at_one_stream_equals_the_sweeps_per_domain_evaluation(tiny):
+    from mergelaws.evaluate import evaluate_examples
+
+    model, base, vectors, evalsets = tiny
+    beta = np.array([0.5, 0.0, 0.25])
+    got = losses_at(model, base, vectors, [beta], evalsets, pad_id=0, batch_tokens=16)[0]
+    live = dict(model.named_parameters())
+    saved = {n: live[n].detach().clone() for n in base}
+    with torch.no_grad():
+        for n, t in point_params(base, vectors, beta).items():
+            live[n].copy_(t)
+    want = [evaluate_examples(model, evalsets[d], pad_id=0, batch_tokens=16).loss for d in evalsets]
+    with torch.no_grad():
+        for n, t in saved.items():
+            live[n].copy_(t)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    empty = losses_at(model, base, vectors, [beta], {"one": evalsets["one"], "none": []}, pad_id=0)[0]
+    assert empty[0] == pytest.approx(got[0], rel=1e-6) and np.isnan(empty[1])
+
+
+def _tiny_inputs(tiny, n_per_domain=8):
+    from mergelaws.theory.run import SizeInputs
+
+    model, base, vectors, _ = tiny
+    evalsets = _evalsets({"one": n_per_domain, "two": n_per_domain, "three": n_per_domain}, seed=5)
+    cfg = {"eval": {"batch_tokens": 32}, "methods": {"average": {"scale": 1.0},
+                                                    "task_arithmetic": {"scale": 0.8, "combine": "mean"}}}
+    return cfg, SizeInputs("t", model, 0, base, vectors, ["e0", "e1", "e2"], evalsets, 0, 0.0)
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_sampled_with_fractions_one_is_weights_exactly(tiny, method):
+    from mergelaws.theory.run import compute_variants, sample_settings
+
+    cfg, inp = _tiny_inputs(tiny)
+    sample = sample_settings(cfg, eval_fraction=1.0, gradient_fraction=1.0)
+    w, s = compute_variants(cfg, inp, [method], ["weights", "sampled"], log=lambda *_: None, sample=sample)
+    assert (w.variant, s.variant) == ("weights", "sampled")
+    for d in inp.evalsets:
+        assert s.domains[d].loss == w.domains[d].loss
+        np.testing.assert_array_equal(s.domains[d].a, w.domains[d].a)
+        np.testing.assert_array_equal(s.domains[d].G, w.domains[d].G)
+    assert s.scales == w.scales
+    assert s.forward_equivalents == pytest.approx(w.forward_equivalents)  # 3 (gradient) + M (k = 1)
+
+
+@pytest.mark.parametrize("fk,fg", [(0.25, 0.5), (0.5, 0.25)])
+def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
+    """fk <= fg: the eval sample lies inside the gradient sample, whose forward passes give the
+    center's loss on it; fk > fg: the center is evaluated on the eval sample with the experts."""
+    from mergelaws.theory.quantities import complement, subsample
+    from mergelaws.theory.run import compute_variants, sample_settings
+
+    cfg, inp = _tiny_inputs(tiny)
+    model, base, vectors, M = inp.model, inp.base, inp.vectors, 3
+    sample = sample_settings(cfg, eval_fraction=fk, gradient_fraction=fg, seed=7)
+    (r,) = compute_variants(cfg, inp, ["average"], ["sampled"], log=lambda *_: None, sample=sample)
+    beta_c = np.full(M, 1 / M)
+    sub_k = subsample(inp.evalsets, fk, 7)
+    sub_g = subsample(inp.evalsets, fg, 7)
+    assert r.sample["examples"] == {d: int(8 * fk) for d in inp.evalsets}
+    assert r.sample["gradient_examples"] == {d: int(8 * fg) for d in inp.evalsets}
+    # the level is the center's loss on the full eval set (gradient sample + the rest)
+    full_c = losses_at(model, base, vectors, [beta_c], inp.evalsets, pad_id=0, batch_tokens=32)[0]
+    np.testing.assert_allclose([r.domains[d].loss for d in inp.evalsets], full_c, rtol=1e-6)
+    # the gradient (g^T v_i) is the gradient sample's
+    g = gradient_at(model, base, vectors, sub_g, pad_id=0, beta0=beta_c, batch_tokens=32)
+    # calibrated on the control-variate estimates of the single-expert losses:
+    # L_i(sample) - L_center(sample) + L_center(full set), the sample's tokens shared by both
+    both = losses_at(model, base, vectors, [*np.eye(M), beta_c], sub_k, pad_id=0, batch_tokens=32)
+    for j, d in enumerate(inp.evalsets):
+        np.testing.assert_allclose(r.domains[d].a, g.domains[d].a, rtol=1e-6)
+        est = both[:M, j] - both[M, j] + full_c[j]
+        q = DomainQuantities(d, 0, full_c[j], g.domains[d].a, g.domains[d].G)
+        want, s = P.calibrate(q, beta_c, 1.0, est)
+        np.testing.assert_allclose(r.scales[d], s.round(4), atol=2e-4)
+        np.testing.assert_allclose(r.domains[d].G, want.G, rtol=1e-4, atol=1e-8)
+        assert P.quadratic_loss(r.domains[d], np.zeros(M)) == pytest.approx(full_c[j], rel=1e-6)  # k = M
+    # its cost: every pass, in full eval-set passes (a backward counted as 2)
+    tok = sum(e.n_targets for ex in inp.evalsets.values() for e in ex)
+    tk = sum(e.n_targets for ex in sub_k.values() for e in ex) / tok
+    tg = sum(e.n_targets for ex in sub_g.values() for e in ex) / tok
+    rest = sum(e.n_targets for ex in complement(inp.evalsets, sub_g).values() for e in ex) / tok
+    assert rest == pytest.approx(1 - tg)
+    assert r.forward_equivalents == pytest.approx(3 * tg + (1 - tg) + (M + (fk > fg)) * tk)
+    items = r.sample["seconds_by_item"]
+    assert set(items) == {"gradient_and_gram", "center_loss_rest", "single_expert_losses", "draw"}
+    assert r.seconds == pytest.approx(sum(items.values()), abs=2e-3)
+
+
+def test_gradient_at_gives_the_loss_of_a_part_of_its_examples(tiny):
+    from mergelaws.theory.quantities import subsample
+
+    model, base, vectors, _ = tiny
+    sets = _evalsets({"one": 8, "two": 8}, seed=2)
+    part = subsample(sets, 0.25, seed=1)
+    beta = np.full(3, 1 / 3)
+    x = gradient_at(model, base, vectors, sets, pad_id=0, beta0=beta, batch_tokens=32, part=part)
+    want = losses_at(model, base, vectors, [beta], part, pad_id=0, batch_tokens=32)[0]
+    np.testing.assert_allclose([x.part_losses[d] for d in sets], want, rtol=1e-6)
+    full = losses_at(model, base, vectors, [beta], sets, pad_id=0, batch_tokens=32)[0]
+    np.testing.assert_allclose([x.domains[d].loss for d in sets], full, rtol=1e-6)
+    assert gradient_at(model, base, vectors, sets, pad_id=0, beta0=beta).part_losses == {}
+
+
+def test_sweep_cost_sums_the_shards_and_the_enumeration_fraction(tmp_path):
+    from mergelaws.theory import score as S
+    from mergelaws.theory.run import sweep_cost, sweep_seconds
+
+    d = tmp_path / "xs" / "average"
+    d.mkdir(parents=True)
+    loaded = "sweep xs/average: 1,000 params, 3 experts, 37 subsets x 3 eval domains; loaded in {}s\n"
+    (d / "1of2.log").write_text(loaded.format(2.0) + "sweep xs/average: 37 merges evaluated (37 in the table) "
+                                                      "in 10.0s -> x\n")
+    (d / "2of2.log").write_text(loaded.format(9.0) + "sweep xs/average: 30 merges evaluated (30 in the table) in "
+                                "4.0s -> x\n" + loaded.format(1.5) + "sweep xs/average: 37 merges evaluated (37 in "
+                                "the table) in 12.5s -> x\n")  # resumed: the last lines count
+    assert sweep_cost(tmp_path, "xs", "average") == (22.5, 74, 3.5)
+    assert sweep_seconds(tmp_path, "xs", "average") == 22.5
+    assert sweep_cost(tmp_path, "xs", "ties") == (None, None, None)
+    # scores: the measured sweep's fraction first, the full enumeration's (2^M - 1 subsets) second
+    M, experts = 3, ["e0", "e1", "e2"]
+    rows, meas = [], []
+    subsets = [()] + [s for k in range(1, M + 1) for s in itertools.combinations(experts, k)]
+    for i, s in enumerate(subsets):
+        for dom in ("x", "y"):
+            val = 3.0 - 0.1 * len(s) + 0.01 * i + (0.02 if dom == "y" else 0.0)
+            base = {"size": "xs", "params": 1, "method": "average", "k": len(s), "subset": f"s{i}",
+                    "members": "+".join(s), "eval_domain": dom, "in_domain": False, "status": "ok"}
+            meas.append({**base, "loss": val})
+            rows.append({**base, "variant": "sampled", "loss": val + 0.001})
+    summary = {"size": "xs", "M": M, "methods": {"average": {"sampled": {
+        "seconds": 1.5, "forward_equivalents": 3.0, "theorem": {"L_inf": 2.7, "A": 0.1}}}}}
+    (sc,) = S.score(pd.DataFrame(rows), pd.DataFrame(meas), summary, {"average": 22.5}, {"average": 74},
+                    {"average": 3.5})
+    assert sc.compute_fraction == pytest.approx(1.5 / 22.5)
+    assert sc.compute_fraction_no_load == pytest.approx(1.5 / 19.0)
+    assert sc.forward_fraction == pytest.approx(3.0 / 74)
+    assert sc.enumeration_subsets == 7
+    assert sc.compute_fraction_enumeration == pytest.approx(1.5 / (22.5 / 74 * 7))
+    assert sc.spearman == pytest.approx(1.0)
+
+
+def test_one_macro():
+    from mergelaws.theory import quantities as Q
+    from mergelaws.theory import run as R
+
+    assert R.macro is Q.macro
+    qs = {d: DomainQuantities(d, n, L, np.full(2, a), np.eye(2) * a) for d, n, L, a in (("x", 3, 1.0, 1.0),
+                                                                                        ("y", 5, 2.0, 3.0))}
+    m = Q.Expansion("center", ["e0", "e1"], np.zeros(2), qs).macro()
+    assert (m.tokens, m.loss) == (8, 1.5)
+    np.testing.assert_allclose(m.a, [2.0, 2.0])
+    np.testing.assert_allclose(m.G, 2 * np.eye(2))

@@ -228,7 +228,9 @@ def cmd_predict(args) -> None:
 
     _threads(args.threads)
     run_predict(_cfg(args), args.size, args.out, methods=args.method or None,
-                variants=args.variant or list(VARIANTS), losses=args.losses, sweep_logs=args.sweep_logs)
+                variants=args.variant or list(VARIANTS), losses=args.losses, sweep_logs=args.sweep_logs,
+                eval_fraction=args.eval_fraction, gradient_fraction=args.gradient_fraction,
+                sample_seed=args.sample_seed)
 
 
 def _add_predict(sub) -> None:
@@ -238,19 +240,63 @@ def _add_predict(sub) -> None:
     p.add_argument("--size", required=True)
     p.add_argument("--out", required=True, help="results/theory/<size>.parquet (+ .json, _compare.csv/.png)")
     p.add_argument("--method", action="append", help="a linear method to predict; repeatable (default: all)")
-    p.add_argument("--variant", action="append", choices=["theta0", "center", "calibrated", "weights"],
+    p.add_argument("--variant", action="append", choices=["theta0", "center", "calibrated", "weights", "sampled"],
                    help="repeatable (default: all)")
+    p.add_argument("--eval-fraction", type=float,
+                   help="sampled: the fraction of each domain's eval examples for the single-expert losses "
+                        "(default: theory.eval_fraction)")
+    p.add_argument("--gradient-fraction", type=float,
+                   help="sampled: the fraction of each domain's eval examples for the gradient "
+                        "(default: theory.gradient_fraction)")
+    p.add_argument("--sample-seed", type=int, help="sampled: the samples' seed (default: theory.sample_seed)")
     p.add_argument("--losses", help="measured losses table to score against (results/losses.parquet)")
     p.add_argument("--sweep-logs", help="sweep logs folder for the compute fraction (default: <results>/logs/sweep)")
     p.add_argument("--threads", type=int)
     p.set_defaults(fn=cmd_predict)
 
 
+def _expert_domain(path: str) -> str:
+    """A merged model's domain: the ``domain`` of the mergelaws_expert.json beside it (experts the
+    train rule made), else its directory's name (results/experts/<size>/<domain>)."""
+    rec = Path(path) / "mergelaws_expert.json"
+    try:
+        dom = json.loads(rec.read_text()).get("domain")
+    except (OSError, ValueError, AttributeError):
+        dom = None
+    return str(dom) if dom else Path(path).name
+
+
+def _merge_task(args) -> int | None:
+    """--task DOMAIN -> the index under the YAML's models of the expert of that domain, for a
+    task-aware merge_method (free_merging); refused without --task there, and with any other method."""
+    from mergelaws.errors import ConfigError
+    from mergelaws.merging import get_method, mergekit
+
+    plan = mergekit.load_config(args.config)
+    doms = [_expert_domain(m) for m in plan.models]
+    if not get_method(plan.method).task_aware:
+        if args.task is not None:
+            raise ConfigError(f"--task is only for task-aware methods (free_merging); {args.config}'s merge_method "
+                              f"{plan.method!r} knows no task: drop --task")
+        return None
+    if args.task is None:
+        raise ConfigError(f"merge_method {plan.method!r} adds the evaluated task's own lightweight expert: pass "
+                          f"--task DOMAIN (one of {', '.join(doms)}), or use merge_method: fr_merging")
+    hits = [i for i, d in enumerate(doms) if d == args.task]
+    if len(hits) != 1:
+        why = "is not the domain of a merged model" if not hits else f"is the domain of {len(hits)} merged models"
+        raise ConfigError(f"--task {args.task!r} {why} in {args.config}; one of {', '.join(doms)} (a model's "
+                          f"domain: its mergelaws_expert.json's, else its directory's name)")
+    return hits[0]
+
+
 def cmd_merge(args) -> None:
     from mergelaws.merging import mergekit
 
     _threads(args.threads)
-    mergekit.run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin)
+    task = _merge_task(args)
+    mergekit.run_merge(args.config, args.out, seed=args.seed, device=args.device, allow_bin=args.allow_bin,
+                       task=task)
 
 
 def _add_run_args(p, device: str) -> None:
@@ -288,6 +334,10 @@ def _add_merge(sub) -> None:
                                   "tokenizer_source: base|PATH, chat_template: NAME|auto|JINJA)")
     p.add_argument("out", help="output model directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (dare*, della*; default 0)")
+    p.add_argument("--task", metavar="DOMAIN",
+                   help="free_merging (required there, refused elsewhere): add this merged expert's lightweight "
+                        "expert (top 1%% of its task vector by |v|); DOMAIN: the domain in its mergelaws_expert.json, "
+                        "else its directory's name")
     _add_run_args(p, device="cpu")
     p.set_defaults(fn=cmd_merge)
 

@@ -28,14 +28,33 @@ The task files are written into a temporary directory per run and removed afterw
 Each subset's cross-entropy on the pool's eval splits (macro mean over the pool's domains, the
 sweep's evaluation) is written beside the scores, as task ``cross_entropy``, metric ``loss``, so
 a table holds both curves of the same merged models.
+
+A task-aware method (free_merging) follows the sweep's convention: while a task of domain d
+(a local task ``mergelaws_<d>_<kind>``) or d's eval split (the cross-entropy) is scored, d's
+own lightweight expert is added to the merge when d's expert is in the subset
+(:meth:`mergelaws.merging.SubsetMerger.task_expert`), and removed afterwards. Tasks of the
+harness or of ``include_path`` have no known domain: they are scored on the plain merge (logged
+once). The tasks are scored one domain at a time (one ``simple_evaluate`` call per domain, the
+tasks without a domain together), whatever the method, so two methods' scores differ only by
+their merges.
+
+Resume: each finished subset's rows are appended (flushed, fsynced) to ``<out>.partial.jsonl``
+beside the output, whose first line records the settings the rows depend on (tasks, limit,
+method and its parameters, size, pool, subsets' ids, batch size, lm-eval's version, and the
+sweep's fingerprint of the weights, eval settings and domains); a rerun skips the subsets already
+there (logged), or discards the file, logged, when a setting changed. The table is written
+atomically (parquet, then CSV) and only then is the sidecar removed. lm-eval's loggers are at
+WARNING while it runs (restored afterwards); one line per subset says where the job is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import tempfile
@@ -55,6 +74,8 @@ LOCAL_PREFIX = "mergelaws_"
 KINDS = ("answer", "mc")
 CE_TASK = "cross_entropy"
 N_CHOICES = 4
+PARTIAL_SUFFIX = ".partial.jsonl"
+LM_EVAL_LOGGERS = ("lm_eval", "lm-eval")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -175,31 +196,59 @@ def _lm_eval():
     except ImportError:
         raise ConfigError("downstream.tasks needs lm-evaluation-harness: pip install 'mergelaws[downstream]' "
                           "(lm-eval==0.4.13)") from None
-    for name in ("lm-eval", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     return lm_eval, HFLM, TaskManager
+
+
+@contextlib.contextmanager
+def quiet_lm_eval(level: int = logging.WARNING):
+    """lm-eval's loggers (``lm_eval`` and its children, ``lm-eval``) at ``level`` while inside;
+    their own levels are restored on exit."""
+    loggers = [logging.getLogger(n) for n in LM_EVAL_LOGGERS]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)
 
 
 def wrap_model(model, tokenizer, batch_size: int = 16):
     """An lm-eval ``HFLM`` over an already built transformers model (the live merged model:
     later in-place merges into its parameters are what it scores next)."""
     _, HFLM, _ = _lm_eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with quiet_lm_eval():
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def task_manager(include_path: str | list[str] | None):
+def task_manager(include_path: str | list[str] | None, defaults: bool = True):
+    """lm-eval's task index over ``include_path``, plus the harness's own tasks unless
+    ``defaults`` is false (indexing those takes ~30 s; local tasks do not need them)."""
     _, _, TaskManager = _lm_eval()
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    with quiet_lm_eval():
+        return TaskManager(include_path=include_path or None, include_defaults=defaults)
+
+
+def manager_for(tasks: list[str], include: list[str]):
+    """The task index for ``tasks``: ``include`` alone (the local tasks' directory, include_path)
+    when it holds every task, else with the harness's own tasks too."""
+    if include:
+        manager = task_manager(include, defaults=False)
+        if all(parse_local(t) or t in manager.all_tasks for t in tasks):
+            return manager
+    return task_manager(include or None)
 
 
 def score(lm, tasks: list[str], manager, *, limit: int | None = None, system_prompt: str | None = None,
           chat: bool = True) -> list[tuple[str, str, float, float, int, bool]]:
     """(task, metric, value, stderr, n, higher_is_better) for every task and metric lm-eval reports."""
     lm_eval, _, _ = _lm_eval()
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  apply_chat_template=chat, system_instruction=system_prompt if chat else None,
-                                  log_samples=False, bootstrap_iters=100, random_seed=0, numpy_random_seed=0,
-                                  torch_random_seed=0, fewshot_random_seed=0)
+    with quiet_lm_eval():
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      apply_chat_template=chat, system_instruction=system_prompt if chat else None,
+                                      log_samples=False, bootstrap_iters=100, random_seed=0, numpy_random_seed=0,
+                                      torch_random_seed=0, fewshot_random_seed=0)
     out = []
     for task in tasks:
         metrics = res["results"].get(task)
@@ -268,14 +317,104 @@ def check(cfg: dict, method: str, size: str) -> None:
     pool(cfg)
 
 
+def task_domains(tasks: list[str]) -> list[tuple[str | None, list[str]]]:
+    """The tasks grouped by their domain (local tasks' ``<domain>``; None: not known), groups in
+    order of first appearance: each group is one lm-eval call, under that domain's expert."""
+    groups: dict[str | None, list[str]] = {}
+    for t in tasks:
+        loc = parse_local(t)
+        groups.setdefault(loc[0] if loc else None, []).append(t)
+    return list(groups.items())
+
+
+def partial_path(out: str | Path) -> Path:
+    """The resume sidecar of a downstream table: ``<out>.partial.jsonl`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def resume_settings(cfg: dict, size: str, method: str, base_path, expert_dirs: dict[str, str],
+                    chosen: list[grid.Subset]) -> dict:
+    """What a downstream table's rows depend on, as recorded in (and compared with) the sidecar."""
+    from mergelaws import sweep
+
+    lm_eval, _, _ = _lm_eval()
+    s = settings(cfg)
+    key = {"size": size, "method": method, "params": cfg["methods"][method], "tasks": list(s["tasks"]),
+           "limit": s.get("limit"), "pool": pool(cfg), "subsets": [x.id for x in chosen],
+           "batch_size": int(s.get("batch_size", 16)), "include_path": s.get("include_path"),
+           "lm_eval": getattr(lm_eval, "__version__", "?"),
+           # weights (files' sizes and times), eval settings, domains' files, seed, system prompt, dtype
+           "fingerprint": sweep.fingerprint(cfg, size, method, str(base_path), expert_dirs, chosen)}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+class SubsetRows:
+    """Finished subsets' rows in the sidecar ``<out>.partial.jsonl``: a header line with the
+    settings, then one line per subset ``{"subset": id, "rows": [...]}``, each flushed and
+    fsynced as its subset finishes. Opened with other settings, the file is discarded (logged);
+    a last line cut by a kill is dropped."""
+
+    def __init__(self, out: str | Path, key: dict, tag: str, log=print):
+        self.path = partial_path(out)
+        self.done: dict[str, list[tuple]] = {}
+        lines, cut = self._read(key, tag, log)
+        if lines is None or cut:
+            text = json.dumps({"settings": key}, sort_keys=True) + "\n" + "".join(ln + "\n" for ln in lines or [])
+            from mergelaws.io import write_text
+
+            write_text(self.path, text)  # fresh, or without the cut line (atomically)
+
+    def _read(self, key: dict, tag: str, log) -> tuple[list[str] | None, bool]:
+        """(the subset lines to keep, whether a cut line was dropped); None: start afresh."""
+        if not self.path.exists():
+            return None, False
+        parts = self.path.read_text().split("\n")
+        tail = parts.pop()  # "" when the file ends with a whole line
+        try:
+            old = json.loads(parts[0])["settings"] if parts else None
+        except (ValueError, KeyError, TypeError):
+            old = None
+        if not isinstance(old, dict):
+            old = None
+        if old != key:
+            what = "unreadable" if old is None else "made with other settings: " + ", ".join(
+                k for k in sorted(set(key) | set(old)) if old.get(k) != key.get(k))
+            log(f"{tag}: discarding {self.path} ({what}); scoring every subset afresh")
+            return None, False
+        kept = []
+        for ln in parts[1:]:
+            try:
+                rec = json.loads(ln)
+                self.done[rec["subset"]] = [tuple(r) for r in rec["rows"]]
+            except (ValueError, KeyError, TypeError):
+                tail = tail or ln  # a cut or garbled line: it and what follows are dropped
+                break
+            kept.append(ln)
+        return kept, bool(tail)
+
+    def add(self, subset_id: str, rows: list[tuple]) -> None:
+        line = json.dumps({"subset": subset_id, "rows": [list(r) for r in rows]}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[subset_id] = list(rows)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def run_downstream(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: dict[str, str] | None = None,
                    log=print) -> pd.DataFrame:
     """Merge every chosen subset (:func:`subsets`) of a size's pool with ``method`` in memory (the
     sweep's engine), score it on ``downstream.tasks`` with lm-eval and on the pool's eval splits
-    (cross-entropy), and write one row per (subset, task, metric) to ``out`` (parquet + CSV)."""
+    (cross-entropy), and write one row per (subset, task, metric) to ``out`` (parquet + CSV).
+    A task-aware method has each domain's own expert added while that domain's tasks and eval
+    split are scored; finished subsets are kept in ``<out>.partial.jsonl`` for a rerun to
+    resume from (see the module doc)."""
     from mergelaws import sweep
     from mergelaws.evaluate import evaluate_examples
-    from mergelaws.progress import Progress
 
     check(cfg, method, size)
     s = settings(cfg)
@@ -288,6 +427,9 @@ def run_downstream(cfg: dict, size: str, method: str, out: str | Path, expert_di
     base_path = grid.base_dir(cfg, size)
     expert_dirs = expert_dirs or {d: grid.expert_dir(cfg, size, d) for d in doms}
     tag = f"downstream {size}/{method}"
+    tasks = list(s["tasks"])
+    groups = task_domains(tasks)
+    progress = SubsetRows(out, resume_settings(cfg, size, method, base_path, expert_dirs, chosen), tag, log)
     tok = models.load_tokenizer(base_path)
     model = models.load_model(base_path, sweep.sweep_dtype(cfg, base_path), device,
                               allow_bin=cfg["allow_bin_checkpoints"])
@@ -300,41 +442,72 @@ def run_downstream(cfg: dict, size: str, method: str, out: str | Path, expert_di
     chat = bool(getattr(tok, "chat_template", None))
     limit = s.get("limit")
     log(f"{tag}: {len(chosen)} subsets (k <= {max(x.k for x in chosen)}) of the pool {', '.join(doms)}; tasks "
-        f"{', '.join(s['tasks'])}; limit {limit} examples each; "
+        f"{', '.join(tasks)}; limit {limit} examples each; "
         + ("the model's chat template" if chat else "no chat template: lm-eval's plain prompts"))
+    if merger.task_aware:
+        unknown = [t for d, ts in groups if d is None for t in ts]
+        outside = [t for d, ts in groups if d is not None and d not in doms for t in ts]
+        if unknown:
+            log(f"{tag}: {', '.join(unknown)}: no known domain (not mergelaws_<domain>_<kind>), scored on the "
+                f"plain merge, without a task expert")
+        if outside:
+            log(f"{tag}: {', '.join(outside)}: domain not in the pool, so never with its expert")
     order = list(chosen)
     if merger.reuses_sums:
         order = [chosen[i] for i in merging.reuse_order([x.members for x in chosen])]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="mergelaws-tasks-") as tmp:
-        include = [str(write_local_task(cfg, t, tmp, limit).parent) for t in s["tasks"] if parse_local(t)]
-        if s.get("include_path"):
-            include.append(str(Path(s["include_path"]).resolve()))
-        manager = task_manager(sorted(set(include)) or None)
-        lm = wrap_model(model, tok, int(s.get("batch_size", 16)))
-        prog = Progress(len(order), tag)
-        for sub in order:
-            with torch.no_grad():
-                merger.merge(sub.members, sub.id, out=live)
-            head = (size, n_params, method, sub.k, sub.id, sub.label)
-            if merger.last_nonfinite:
-                log(f"{tag}: merge of {sub.label or 'base'} has non-finite weights; its scores are NaN")
-                rows += [(*head, t, "acc", float("nan"), float("nan"), 0, True) for t in s["tasks"]]
-                prog.update()
-                continue
-            losses = [evaluate_examples(model, encoded[d].examples, pad_id=tok.pad_token_id,
-                                        batch_tokens=cfg["eval"]["batch_tokens"], device=device).loss for d in doms]
-            rows.append((*head, CE_TASK, "loss", float(sum(losses) / len(losses)), float("nan"),
-                         sum(len(encoded[d].examples) for d in doms), False))
-            for r in score(lm, s["tasks"], manager, limit=limit, system_prompt=cfg.get("system_prompt"), chat=chat):
-                rows.append((*head, *r))
-            prog.update()
-        prog.close()
-    rank = {x.id: i for i, x in enumerate(chosen)}
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table = table.iloc[sorted(range(len(table)), key=lambda i: rank[table["subset"].iat[i]])].reset_index(drop=True)
-    sweep.write_table(table, out, csv=True)
-    log(f"{tag}: {len(chosen)} merges scored in {time.time() - t0:.1f}s -> {out} (+ .csv)")
+    todo = [x for x in order if x.id not in progress.done]
+    if progress.done:
+        log(f"{tag}: resuming: {len(chosen) - len(todo)} of {len(chosen)} subsets already scored (kept in "
+            f"{progress.path}), {len(todo)} to go")
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="mergelaws-tasks-") as tmp:
+            include = [str(write_local_task(cfg, t, tmp, limit).parent) for t in tasks if parse_local(t)]
+            if s.get("include_path"):
+                include.append(str(Path(s["include_path"]).resolve()))
+            manager = manager_for(tasks, sorted(set(include)))
+            lm = wrap_model(model, tok, int(s.get("batch_size", 16)))
+            done, seconds, replay = len(chosen) - len(todo), [], []
+            for sub in order:
+                if sub.id in progress.done:
+                    if merger.reuses_sums:  # replayed before the next merge: the same float rounding
+                        replay.append(sub)
+                    continue
+                t1 = time.time()
+                with torch.no_grad():
+                    for r in replay:
+                        merger.merge(r.members, r.id, out=live)
+                    replay = []
+                    merger.merge(sub.members, sub.id, out=live)
+                head = (size, n_params, method, sub.k, sub.id, sub.label)
+                if merger.last_nonfinite:
+                    log(f"{tag}: merge of {sub.label or 'base'} has non-finite weights; its scores are NaN")
+                    rows = [(*head, t, "acc", float("nan"), float("nan"), 0, True) for t in tasks]
+                else:
+                    losses = []
+                    for d in doms:  # the sweep's convention: each eval domain with its own expert
+                        with merger.task_expert(d, live):
+                            losses.append(evaluate_examples(model, encoded[d].examples, pad_id=tok.pad_token_id,
+                                                            batch_tokens=cfg["eval"]["batch_tokens"],
+                                                            device=device).loss)
+                    rows = [(*head, CE_TASK, "loss", float(sum(losses) / len(losses)), float("nan"),
+                             sum(len(encoded[d].examples) for d in doms), False)]
+                    scores: dict[str, list] = {}
+                    for d, group in groups:
+                        with merger.task_expert(d, live) if d is not None else contextlib.nullcontext():
+                            for r in score(lm, group, manager, limit=limit, system_prompt=cfg.get("system_prompt"),
+                                           chat=chat):
+                                scores.setdefault(r[0], []).append(r)
+                    rows += [(*head, *r) for t in tasks for r in scores.get(t, [])]
+                progress.add(sub.id, rows)
+                done += 1
+                seconds.append(time.time() - t1)
+                eta = sum(seconds) / len(seconds) * (len(chosen) - done)
+                log(f"{tag} {done}/{len(chosen)} subset={sub.label or 'base'} k={sub.k} {seconds[-1]:.1f}s "
+                    f"~{eta:.0f}s left")
+    table = pd.DataFrame([r for x in chosen for r in progress.done[x.id]], columns=COLUMNS)  # in subsets' order
+    sweep.write_table(table, out, csv=True)  # atomically (temp file + os.replace), then the sidecar goes
+    progress.clear()
+    log(f"{tag}: {len(chosen)} merges scored ({len(todo)} in this run) in {time.time() - t0:.1f}s -> {out} (+ .csv)")
     return table
 
 

@@ -36,8 +36,10 @@ method. For one tensor and the k merged experts, ``v_t = theta_t - theta_0``:
 FREE-Merging's lightweight expert (:func:`free_expert`): the task's RAW task vector kept at its
 top floor(expert_density * numel) entries by |v| (per tensor, 1-D tensors too; stable ascending
 order, the largest ranks kept, as breadcrumbs), added unscaled: ``theta = (theta_0 + scale *
-merged) + e``. In the sweep the eval domain selects its own expert (oracle routing), see
-:meth:`mergelaws.merging.SubsetMerger.task_expert`.
+merged) + e``. In the sweep and in ``mergelaws downstream`` the eval domain selects its own
+expert (oracle routing), see :meth:`mergelaws.merging.SubsetMerger.task_expert`; ``mergelaws
+merge --task DOMAIN`` (``merge_method: free_merging``) saves the merge with DOMAIN's expert added
+(:func:`mergelaws.merging.mergekit.merge_task_vectors`, ``task=``), and refuses to run without it.
 """
 
 from __future__ import annotations
@@ -198,12 +200,16 @@ def _fr_merging(deltas: Tensor, *, ratio: float, weight: float, scale: float, no
     "domain d and d's expert is in the merged subset, d's lightweight expert e_d (its raw task "
     "vector's top expert_density entries by |v|, per tensor, unscaled) added to the merged "
     "weights: theta = (theta_0 + merge) + e_d (oracle routing by the eval domain). Cross-domain "
-    "rows are exactly FR-Merging's; `mergelaws merge` and merge_state_dicts know no task and give "
-    "FR-Merging. The released code (method 'FREE') computes exactly FR-Merging: its expert "
+    "rows are exactly FR-Merging's; `mergelaws merge --task DOMAIN` saves the merge with DOMAIN's "
+    "expert added (without --task it stops); merge_state_dicts knows no task and gives FR-Merging. "
+    "The released code (method 'FREE') computes exactly FR-Merging: its expert "
     "sparsify is magnitude_outliers(density=0.01, gamma=0), whose slice indices[n_bot:-n_top] "
     "with n_top = 0 is empty, so e = 0 (and its task model is fixed by a hard-coded "
     "task_name='lm', the --task_name flag unread); mergelaws implements the intended design.",
     expert=free_expert,
+    # `mergelaws merge`: FR-Merging's form; the task's expert is added there with --task (mergekit.py)
+    mergekit=MergekitForm(sparsify="fourier", consensus=True, normalize=False, rescale=False,
+                          model_keys=("weight",)),
 )
 def _free_merging(deltas: Tensor, *, ratio: float, weight: float, scale: float, normalize: bool, double_ring: bool,
                   **_: Any) -> Tensor:

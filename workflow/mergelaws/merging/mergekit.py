@@ -39,6 +39,7 @@ theta_0 and per-model weights w_i::
 | (della_linear)       | same                                    | no        | false     | true    | -                                                |
 | model_stock          | -  (theta_0 + t * mean v_i)             | -         | -         | -       | model_stock                                      |
 | fr_merging (fourier) | FR-Merging's frequency filter, ratio 0.9| yes       | false     | -       | fr_merging weight=w, scale=lambda                |
+| free_merging         | as fr_merging, + the task's expert      | yes       | false     | -       | free_merging (needs ``task``: ``--task DOMAIN``) |
 
 A ``merge_method`` is a registry name (the method's ``mergekit=`` form in its ``register`` call
 gives the sparsify, consensus and default normalize and rescale columns) or one of mergekit's
@@ -46,7 +47,14 @@ names in parentheses (:data:`mergelaws.merging.mergekit_config.ALIASES`: ``bread
 adds consensus; ``della_linear`` drops it and defaults normalize to false). ``fourier`` is the
 FREE-Merging repository's mergekit fork's name for FR-Merging (its filter at the fork's fixed
 high_ratio 0.9, the released mask; see :mod:`mergelaws.merging.fourier`); its ``FREE`` method
-computes the same merge as released and is not offered (free_merging's expert needs a task).
+computes the same merge as released (an empty expert) and is not offered under that name.
+
+``merge_method: free_merging`` (task-aware) is FR-Merging plus ONE model's lightweight expert
+(its raw task vector's top ``expert_density`` = 0.01 entries by |v| per tensor, the registry's
+default, added unscaled in float32 before the cast to ``dtype``): ``run_merge(..., task=i)``
+with i the model's index under ``models`` (``mergelaws merge --task DOMAIN`` finds it by the
+experts' domains). Without a task it stops (it would silently be FR-Merging); ``task`` with any
+other method stops too.
 
 mergekit's ``rescale: true`` is its L1 rescale (x ||v||_1 / ||m*v||_1 per model and tensor),
 not DARE's 1/(1-p). ``linear`` with ``normalize: false`` gives sum_i w_i theta_i.
@@ -116,27 +124,32 @@ from mergelaws.merging.mergekit_config import (ALIASES, CHAT_TEMPLATES, DTYPES, 
 from mergelaws.merging.mergekit_vocab import (VocabMap, load_tokenizer, resolve_chat_template, vocab_map,
                                               write_chat_template)
 from mergelaws.merging.model import merge_deltas, tensor_seed
-from mergelaws.merging.registry import get_method
+from mergelaws.merging.registry import get_method, resolve_params
 from mergelaws.merging.sparsify import rescale_kept, sparsify_breadcrumbs, sparsify_dare, sparsify_della, trim
 
 __all__ = ["MergeYamlError", "MergePlan", "ALIASES", "CHAT_TEMPLATES", "merge_method_names", "mergekit_form",
            "parse_config", "load_config", "merge_tensor", "merge_task_vectors", "merge_states", "run_merge",
-           "run_merge_in_memory"]
+           "run_merge_in_memory", "task_expert", "check_task"]
 
 
-def merge_tensor(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], *, seed: int = 0) -> torch.Tensor:
+def merge_tensor(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], *, seed: int = 0,
+                 task: int | None = None) -> torch.Tensor:
     """The merged float32 tensor for one parameter (``seed`` seeds the random masks)."""
     b = base.float()
     deltas = torch.empty((len(experts), *b.shape), dtype=torch.float32, device=b.device)
     for i, e in enumerate(experts):  # = torch.stack([e - b ...]) without the temporaries
         torch.sub(e.to(b.device).float(), b, out=deltas[i])
-    return merge_task_vectors(plan, b, deltas, seed=seed)
+    return merge_task_vectors(plan, b, deltas, seed=seed, task=task)
 
 
 def merge_task_vectors(plan: MergePlan, b: torch.Tensor, deltas: torch.Tensor, *, seed: int = 0,
-                       inplace: bool = False) -> torch.Tensor:
+                       inplace: bool = False, task: int | None = None) -> torch.Tensor:
     """The merged float32 tensor from the base tensor ``b`` (fp32) and the task vectors ``deltas``
-    [k, ...] (fp32, contiguous); ``inplace``: ``deltas`` may be overwritten (sparsified in place)."""
+    [k, ...] (fp32, contiguous); ``inplace``: ``deltas`` may be overwritten (sparsified in place);
+    ``task``: a task-aware method's model index whose lightweight expert is added (fp32)."""
+    if task is not None:  # free_merging: (theta_0 + merge) + e_task, e from the raw task vector
+        e = task_expert(plan, deltas[task])
+        return merge_task_vectors(plan, b, deltas, seed=seed, inplace=inplace).add_(e)
     form = get_method(plan.method).mergekit
     if plan.method == "model_stock":
         return b + merge_deltas("model_stock", deltas, {"filter_wise": plan.filter_wise})
@@ -171,14 +184,32 @@ def merge_task_vectors(plan: MergePlan, b: torch.Tensor, deltas: torch.Tensor, *
 
 
 def merge_states(plan: MergePlan, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], *,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+                 seed: int = 0, task: int | None = None) -> dict[str, torch.Tensor]:
     """Merge whole float32 state dicts by ``plan``; tensor n seeded with tensor_seed(seed, "", n)."""
-    return {n: merge_tensor(plan, b, [e[n] for e in experts], seed=tensor_seed(seed, "", n))
+    return {n: merge_tensor(plan, b, [e[n] for e in experts], seed=tensor_seed(seed, "", n), task=task)
             for n, b in base.items()}
 
 
+def task_expert(plan: MergePlan, v: torch.Tensor) -> torch.Tensor:
+    """A task-aware method's lightweight expert of one raw task vector (fp32, zeros elsewhere)."""
+    return get_method(plan.method).expert(v, **resolve_params(plan.method, {}))
+
+
+def check_task(plan: MergePlan, task: int | None) -> None:
+    """A task-aware method (free_merging) needs the task's model index; no other method takes one."""
+    if get_method(plan.method).task_aware:
+        if task is None:
+            raise MergeYamlError(f"merge_method {plan.method!r} adds one task's lightweight expert: give the task "
+                                 f"(mergelaws merge --task DOMAIN), or use merge_method: fr_merging")
+        if not 0 <= task < len(plan.models):
+            raise MergeYamlError(f"task = {task} is not a model index under models (0 to {len(plan.models) - 1})")
+    elif task is not None:
+        raise MergeYamlError(f"a task (--task) is only for task-aware methods (free_merging), not merge_method "
+                             f"{plan.method!r}; drop it")
+
+
 def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, device: str = "cpu",
-              allow_bin: bool = False, log=print) -> MergePlan:
+              allow_bin: bool = False, log=print, task: int | None = None) -> MergePlan:
     """Merge the checkpoints of a mergekit YAML into the Hugging Face directory ``out`` (atomically).
 
     Tensor by tensor: each input's tensor is read from its safetensors file into a buffer reused
@@ -187,12 +218,14 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
     output tensor and the method's temporaries, (2k + 4) x the largest tensor, whatever the
     model size (logged). Inputs that are not local
     safetensors directories (hub ids, .bin with --allow-bin) are loaded whole through
-    transformers first (logged).
+    transformers first (logged). ``task``: free_merging's task, the index of its model under
+    ``models`` (see the module doc).
     """
     from mergelaws import models
 
     t0 = time.time()
     plan = parse_config(config) if isinstance(config, dict) else load_config(config)
+    check_task(plan, task)
     device = models.resolve_device(device)
     base_dir = Path(plan.base_model)
     template = resolve_chat_template(plan, log)
@@ -202,7 +235,7 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
                                  f"safetensors directory, and {plan.base_model} is not; download or convert it "
                                  f"first, or run mergekit-yaml")
         return run_merge_in_memory(plan, out, seed=seed, device=device, allow_bin=allow_bin, log=log, t0=t0,
-                                   template=template)
+                                   template=template, task=task)
     paths = list(dict.fromkeys([plan.base_model, *plan.models]))
     sources = {p: _open_input(p, allow_bin, log) for p in paths}
     base = sources[plan.base_model]
@@ -232,7 +265,7 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
                 b = vocab.gather(n, sources, plan.models, deltas)
                 if torch.device(device).type != "cpu":
                     b, deltas = b.to(device), deltas.to(device)
-                value = merge_task_vectors(plan, b, deltas, seed=tensor_seed(seed, "", n), inplace=True)
+                value = merge_task_vectors(plan, b, deltas, seed=tensor_seed(seed, "", n), inplace=True, task=task)
                 value = value.to(out_dtype)
             else:
                 b = read_f32(base, n, base_buf)
@@ -245,7 +278,7 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
                         torch.sub(src.get(n), b, out=deltas[i])
                 if torch.device(device).type != "cpu":
                     b, deltas = b.to(device), deltas.to(device)
-                value = merge_task_vectors(plan, b, deltas, seed=tensor_seed(seed, "", n), inplace=True)
+                value = merge_task_vectors(plan, b, deltas, seed=tensor_seed(seed, "", n), inplace=True, task=task)
                 value = value.to(out_dtype)
             t2 = time.perf_counter()
             writer.write(n, value.cpu())
@@ -258,7 +291,8 @@ def run_merge(config: str | Path | dict, out: str | Path, *, seed: int = 0, devi
                            tokenizer_from=vocab.tokenizer if vocab else None)
         if template is not None:
             write_chat_template(Path(tmp), template)
-        record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw}
+        record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw,
+                  **({"task_model": plan.models[task]} if task is not None else {})}
         (Path(tmp) / "mergelaws_merge.json").write_text(
             json.dumps(json.loads(json.dumps(record, default=str)), indent=2, sort_keys=True) + "\n")
     read = sum(src.bytes_read for src in sources.values())
@@ -342,7 +376,7 @@ def _write_model_files(base_dir: Path, out: Path, dtype: torch.dtype, *, vocab_s
 
 
 def run_merge_in_memory(plan: MergePlan, out, *, seed: int, device: str, allow_bin: bool, log, t0: float,
-                        template: str | None = None) -> MergePlan:
+                        template: str | None = None, task: int | None = None) -> MergePlan:
     """The whole-model path, for a base that is not a local safetensors directory (a hub id or
     .bin weights): every model is loaded through transformers. ``template``: the chat template
     to write (from resolve_chat_template)."""
@@ -357,14 +391,15 @@ def run_merge_in_memory(plan: MergePlan, out, *, seed: int, device: str, allow_b
         models.check_compatible(model, em, path)
         experts.append({n: p.detach().float().to(device) for n, p in models.float_state(em).items()})
         del em
-    merged = merge_states(plan, base_state, experts, seed=seed)
+    merged = merge_states(plan, base_state, experts, seed=seed, task=task)
     with torch.no_grad():
         for n, p in live.items():
             p.copy_(merged[n])
     if plan.out_dtype is not None:
         model = model.to(DTYPES[plan.out_dtype])
     model = model.to("cpu")
-    record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw}
+    record = {"mergelaws_merge": plan.describe(), "seed": seed, "config": plan.raw,
+              **({"task_model": plan.models[task]} if task is not None else {})}
     tokenizer = None
     if template is not None and not Path(plan.base_model).is_dir():  # a hub id: its tokenizer carries the template
         tokenizer = load_tokenizer(plan.base_model)

@@ -17,7 +17,9 @@ M experts cost M JVP passes (primal + tangent) over the eval tokens; sums accumu
 
 from __future__ import annotations
 
+import math
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,12 +52,48 @@ class Expansion:
     jvp_passes: int = 0  # one per (expert, batch)
     forward_tokens: int = 0  # target tokens through the model, times passes
     notes: list[str] = field(default_factory=list)
+    part_losses: dict[str, float] = field(default_factory=dict)  # gradient_at(part=...): the part's loss per domain
 
     def macro(self) -> DomainQuantities:
-        """The all-domain mean (each domain weighs the same, as the cross_domain view)."""
-        ds = list(self.domains.values())
-        return DomainQuantities("macro", sum(d.tokens for d in ds), float(np.mean([d.loss for d in ds])),
-                                np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
+        """The all-domain mean (``macro``)."""
+        return macro(self.domains)
+
+
+def macro(domains: dict[str, DomainQuantities]) -> DomainQuantities:
+    """The all-domain mean of loss, a and G (each domain weighs the same, as the cross_domain view);
+    its tokens are the domains' sum."""
+    ds = list(domains.values())
+    return DomainQuantities("macro", sum(d.tokens for d in ds), float(np.mean([d.loss for d in ds])),
+                            np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
+
+
+def subsample(evalsets: dict[str, list[Example]], fraction: float, seed: int = 0
+              ) -> dict[str, list[Example]]:
+    """A seeded sample of each domain's eval examples, stratified per domain: ceil(fraction x n_d) of
+    domain d's n_d examples (at least one), the first ones of a permutation drawn by a generator
+    seeded with (seed, crc32 of the domain's name) -- so a domain's sample does not depend on the
+    other domains, and for one seed a smaller fraction's sample is inside a larger one's -- kept in
+    their original order. fraction >= 1 returns ``evalsets`` itself (the same lists)."""
+    if not fraction > 0:
+        raise ValueError(f"eval fraction must be > 0, got {fraction}")
+    if fraction >= 1:
+        return evalsets
+    out = {}
+    for d, examples in evalsets.items():
+        n = len(examples)
+        m = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+        order = np.random.default_rng([int(seed), zlib.crc32(d.encode())]).permutation(n)
+        out[d] = [examples[i] for i in np.sort(order[:m])]
+    return out
+
+
+def complement(evalsets: dict[str, list[Example]], sample: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """Each domain's examples that are not in ``sample`` (by identity), in their original order."""
+    out = {}
+    for d, examples in evalsets.items():
+        taken = {id(e) for e in sample.get(d, [])}
+        out[d] = [e for e in examples if id(e) not in taken]
+    return out
 
 
 class eager_attention:
@@ -181,31 +219,65 @@ def batch_terms(f, params: dict[str, torch.Tensor], tangents: list[dict[str, tor
     return out
 
 
+def _stream(evalsets: dict[str, list[Example]], batch_tokens: int, pad_id: int):
+    """Every domain's examples in one length-bucketed stream: per padded batch (ids, att, lab, mask
+    of the target positions, the domain index of each target)."""
+    names = list(evalsets)
+    copies = [(j, Example(e.input_ids, e.labels)) for j, d in enumerate(names) for e in evalsets[d]]
+    owner = {id(e): j for j, e in copies}
+    out = []
+    for batch in length_batches([e for _, e in copies], batch_tokens):
+        ids, att, lab = pad_batch(batch, pad_id)
+        mask = lab[:, 1:] != IGNORE
+        if not mask.any():
+            continue
+        rows = torch.tensor([owner[id(e)] for e in batch])[:, None].expand_as(mask)[mask]
+        out.append((ids, att, lab, mask, rows))
+    return out
+
+
+def _token_nll(model, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fp32 NLL of every labelled target (the sweep's ``target_nll``, unreduced)."""
+    from mergelaws.evaluate import LOGIT_CHUNK_ROWS, _decoder_and_head
+
+    targets = lab[:, 1:][mask]
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1][mask]
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    h = decoder(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1][mask]
+    return torch.cat([torch.nn.functional.cross_entropy(head(h[i:i + LOGIT_CHUNK_ROWS]).float(),
+                                                        targets[i:i + LOGIT_CHUNK_ROWS], reduction="none")
+                      for i in range(0, h.shape[0], LOGIT_CHUNK_ROWS)])
+
+
 @torch.no_grad()
 def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]], betas,
               evalsets: dict[str, list[Example]], *, pad_id: int, batch_tokens: int = 8192,
               device: str | torch.device = "cpu") -> np.ndarray:
     """Exact losses (points x domains, in ``evalsets`` order) at theta_0 + sum_i beta_i v_i for each
-    beta of ``betas``; the model's own weights are restored afterwards."""
-    from mergelaws.evaluate import target_nll
-
+    beta of ``betas``: token-weighted NLL per target token, every domain's examples in one
+    length-bucketed stream (one forward per batch of all domains; sums per domain in float64). The
+    model's own weights are restored afterwards."""
     betas = [np.asarray(b, dtype=float) for b in betas]
-    out = np.zeros((len(betas), len(evalsets)))
+    D = len(evalsets)
+    out = np.zeros((len(betas), D))
     was_training = model.training
     model.eval()
     live = dict(model.named_parameters())
     saved = {n: live[n].detach().clone() for n in base}
+    batches = [tuple(t.to(device) for t in b) for b in _stream(evalsets, batch_tokens, pad_id)]
     for i, beta in enumerate(betas):
         for n, t in point_params(base, vectors, beta).items():
             live[n].copy_(t)
-        for j, examples in enumerate(evalsets.values()):
-            nll, tok = 0.0, 0
-            for batch in length_batches(examples, batch_tokens):
-                ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
-                s, k = target_nll(model, ids, att, lab)
-                nll += float(s)
-                tok += k
-            out[i, j] = nll / tok if tok else float("nan")
+        nll = torch.zeros(D, dtype=torch.float64, device=device)
+        tok = torch.zeros(D, dtype=torch.float64, device=device)
+        for ids, att, lab, mask, rows in batches:
+            per = _token_nll(model, ids, att, lab, mask).double()
+            nll.index_add_(0, rows, per)
+            tok.index_add_(0, rows, torch.ones_like(per))
+        nll, tok = nll.cpu().numpy(), tok.cpu().numpy()
+        out[i] = np.where(tok > 0, nll / np.maximum(tok, 1), np.nan)
     for n, t in saved.items():
         live[n].copy_(t)
     model.train(was_training)
@@ -214,17 +286,20 @@ def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torc
 
 def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
                 evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
-                point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu") -> Expansion:
+                point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu",
+                part: dict[str, list[Example]] | None = None) -> Expansion:
     """Loss and a = (g^T v_i) by one backward pass per domain, with G the weight-space Gram
-    (v_i^T v_j: H replaced by the identity) -- the cheap surrogate that a calibration rescales."""
-    from mergelaws.evaluate import target_nll
-
+    (v_i^T v_j: H replaced by the identity) -- the cheap surrogate that a calibration rescales.
+    ``part``: some of ``evalsets``' examples (by identity), whose loss per domain the same forward
+    passes also give (``part_losses``; NaN for a domain with none)."""
     M = len(vectors)
     beta0 = np.zeros(M) if beta0 is None else np.asarray(beta0, dtype=float)
     t0 = time.time()
     names = list(base)
-    flat = torch.stack([torch.cat([v[n].flatten() for n in names]) for v in vectors]).double() if M else None
-    gram = (flat @ flat.T).numpy() if M else np.zeros((0, 0))
+    # the task vectors stacked per tensor in float64 (no flat copy of all of them): the Gram and,
+    # per domain, g^T v_i as sums over tensors
+    stacks = {n: torch.stack([v[n].reshape(-1) for v in vectors]).double() for n in names} if M else {}
+    gram = sum(S @ S.T for S in stacks.values()).numpy() if M else np.zeros((0, 0))
     live = dict(model.named_parameters())
     saved = {n: live[n].detach().clone() for n in names}
     with torch.no_grad():
@@ -232,21 +307,33 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
             live[n].copy_(t)
     was_training = model.training
     model.eval()
-    out, fwd = {}, 0
+    out, fwd, parts = {}, 0, {}
     for d, examples in evalsets.items():
-        nll, n_tok = 0.0, 0
+        nll, n_tok, p_nll, p_tok = 0.0, 0, 0.0, 0
+        inside = {id(e) for e in (part or {}).get(d, [])}
         model.zero_grad(set_to_none=True)
         for batch in length_batches(examples, batch_tokens):
             ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
-            s, k = target_nll(model, ids, att, lab)
+            mask = lab[:, 1:] != IGNORE
+            k = int(mask.sum())
             if not k:
                 continue
+            tok = _token_nll(model, ids, att, lab, mask)
+            s = tok.sum()
             s.backward()
             nll, n_tok, fwd = nll + float(s.detach()), n_tok + k, fwd + k
+            if inside:
+                row = torch.arange(len(batch), device=mask.device)[:, None].expand_as(mask)[mask]
+                sel = torch.tensor([id(e) in inside for e in batch], device=mask.device)[row]
+                p_nll, p_tok = p_nll + float(tok.detach()[sel].double().sum()), p_tok + int(sel.sum())
+        if part is not None:
+            parts[d] = p_nll / p_tok if p_tok else float("nan")
         n = max(n_tok, 1)
-        g = torch.cat([(live[m].grad if live[m].grad is not None else torch.zeros_like(live[m])).flatten()
-                       for m in names]).double() / n
-        a = (flat @ g.cpu()).numpy() if M else np.zeros(0)
+        a = np.zeros(M)
+        for m in names:
+            if M and live[m].grad is not None:
+                a += (stacks[m] @ live[m].grad.detach().reshape(-1).cpu().double()).numpy()
+        a /= n
         out[d] = DomainQuantities(d, n_tok, nll / n if n_tok else float("nan"), a, gram.copy())
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -254,7 +341,8 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
             live[n].copy_(t)
     model.train(was_training)
     return Expansion(point, list(experts or [f"e{i}" for i in range(M)]), beta0, out, seconds=time.time() - t0,
-                     forward_tokens=fwd, notes=["G is the weight-space Gram v_i^T v_j (H = identity)"])
+                     forward_tokens=fwd, notes=["G is the weight-space Gram v_i^T v_j (H = identity)"],
+                     part_losses=parts)
 
 
 @torch.no_grad()

@@ -5,7 +5,13 @@
 * ``calibrated`` ``center`` with the curvature of each expert's direction rescaled so that the
                  model gives the exact losses of the M single-expert merges (M extra evaluations);
 * ``weights``    no JVP at all: loss and gradient at theta_0 + c mu (one backward pass), the
-                 weight-space Gram v_i^T v_j as curvature, calibrated the same way.
+                 weight-space Gram v_i^T v_j as curvature, calibrated the same way;
+* ``sampled``    ``weights`` on seeded, per-domain stratified samples of the eval examples: the
+                 gradient on a ``theory.gradient_fraction`` sample, the M single-expert losses and the
+                 center's on a smaller ``theory.eval_fraction`` sample, used as control variates --
+                 the sample's differences L_i - L_center (the same tokens, so low variance) added to
+                 the center's loss on the full eval set (the gradient sample's loss plus one forward
+                 pass over the rest). With both fractions 1 it is ``weights`` exactly.
 
 Only linear merges (average, task_arithmetic) are predicted; other methods are listed as out of scope.
 """
@@ -23,9 +29,12 @@ import pandas as pd
 
 from mergelaws.errors import ConfigError, MethodError
 from mergelaws.theory import predict as P
-from mergelaws.theory.quantities import DomainQuantities, Expansion, gradient_at, gram_at, losses_at
+from mergelaws.theory.quantities import (DomainQuantities, Expansion, complement, gradient_at, gram_at, losses_at,
+                                         macro, subsample)
 
-VARIANTS = ("theta0", "center", "calibrated", "weights")
+VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
+#: the sampled variant's settings when the config has none (the schema's defaults)
+SAMPLE_DEFAULTS = {"eval_fraction": 0.125, "gradient_fraction": 0.5, "sample_seed": 0}
 PRED_COLUMNS = ["size", "params", "method", "variant", "k", "subset", "members", "eval_domain", "in_domain", "loss",
                 "status"]
 
@@ -54,6 +63,7 @@ class VariantResult:
     seconds: float
     forward_equivalents: float  # passes over the eval tokens, a JVP counted as 2
     scales: dict[str, list[float]] = field(default_factory=dict)  # calibration s per domain
+    sample: dict = field(default_factory=dict)  # the sampled variant's eval sample and its cost items
 
 
 def load_inputs(cfg: dict, size: str, expert_dirs: dict[str, str] | None = None, log=print) -> SizeInputs:
@@ -98,9 +108,28 @@ def linear_methods(cfg: dict, methods: list[str] | None) -> tuple[list[str], lis
     return inside, [m for m in methods if m not in P.LINEAR_METHODS]
 
 
-def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VARIANTS, log=print
-                     ) -> list[VariantResult]:
-    """Every requested variant for every linear method (theta_0's Gram is shared by the methods)."""
+def sample_settings(cfg: dict, eval_fraction: float | None = None, gradient_fraction: float | None = None,
+                    seed: int | None = None) -> dict:
+    """The sampled variant's settings: the config's ``theory`` keys, each overridden when given."""
+    th = {**SAMPLE_DEFAULTS, **{k: v for k, v in (cfg.get("theory") or {}).items() if k in SAMPLE_DEFAULTS}}
+    for key, value in (("eval_fraction", eval_fraction), ("gradient_fraction", gradient_fraction),
+                       ("sample_seed", seed)):
+        if value is not None:
+            th[key] = value
+    for key in ("eval_fraction", "gradient_fraction"):
+        if not 0 < float(th[key]) <= 1:
+            raise ConfigError(f"theory.{key} must be in (0, 1], got {th[key]}")
+    return {"eval_fraction": float(th["eval_fraction"]), "gradient_fraction": float(th["gradient_fraction"]),
+            "sample_seed": int(th["sample_seed"])}
+
+
+def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VARIANTS, log=print,
+                     sample: dict | None = None) -> list[VariantResult]:
+    """Every requested variant for every linear method (theta_0's Gram is shared by the methods).
+
+    Each result's ``seconds`` is the measured time of everything it uses (a computation shared with
+    another variant, through the cache, counts in full for each), and ``forward_equivalents`` the
+    same work in passes over the full eval set (a backward counted as 2, a JVP tangent as 2)."""
     M, out, cache = len(inp.experts), [], {}
     kw = dict(pad_id=inp.pad_id, experts=inp.experts, batch_tokens=cfg["eval"]["batch_tokens"])
     tokens = sum(e.n_targets for ex in inp.evalsets.values() for e in ex)
@@ -114,6 +143,18 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
             cache[key] = (fn(), time.time() - t)
             log(f"predict {inp.size}: {key[0]} at {key[1]} in {cache[key][1]:.1f}s")
         return cache[key]
+
+    if "sampled" in variants:
+        sample = sample or sample_settings(cfg)
+        t = time.time()
+        samples = {key: subsample(inp.evalsets, sample[key], sample["sample_seed"])
+                   for key in ("eval_fraction", "gradient_fraction")}
+        draw_seconds = time.time() - t
+
+    def k1_losses(coef1, evalsets):
+        return get(("k=1 losses", f"coef {coef1:g}"), lambda: losses_at(
+            inp.model, inp.base, inp.vectors, coef1 * np.eye(M), evalsets, pad_id=inp.pad_id,
+            batch_tokens=cfg["eval"]["batch_tokens"]))
 
     for method in methods:
         params = cfg["methods"][method]
@@ -129,14 +170,16 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
             if v in ("center", "calibrated"):
                 x, s = get(("gram", ck), lambda: gram_at(inp.model, inp.base, inp.vectors, inp.evalsets,
                                                           beta0=beta_c, point="center", **kw))
-            else:
+            elif v == "weights":
                 x, s = get(("gradient", ck), lambda: gradient_at(inp.model, inp.base, inp.vectors, inp.evalsets,
                                                                   beta0=beta_c, point="center", **kw))
+            else:  # sampled
+                out.append(_sampled(inp, method, beta_c, coef1, sample, samples, draw_seconds, tokens, get, fe,
+                                    k1_losses, kw))
+                continue
             res = VariantResult(method, v, beta_c, x.domains, s, fe(x))
             if v in ("calibrated", "weights"):
-                k1, s1 = get(("k=1 losses", f"coef {coef1:g}"), lambda: losses_at(
-                    inp.model, inp.base, inp.vectors, coef1 * np.eye(M), inp.evalsets, pad_id=inp.pad_id,
-                    batch_tokens=cfg["eval"]["batch_tokens"]))
+                k1, s1 = k1_losses(coef1, inp.evalsets)
                 res.seconds += s1
                 res.forward_equivalents += M
                 doms = {}
@@ -146,6 +189,72 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
                 res.domains = doms
             out.append(res)
     return out
+
+
+def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_seconds, tokens, get, fe, k1_losses,
+             kw) -> VariantResult:
+    """The sampled variant of one method (see the module's docstring): ``weights`` with its gradient on
+    the gradient sample, its single-expert losses from the eval sample by control variates, its
+    level the full set's center loss. Every pass it makes counts in its seconds and forward-equivalents."""
+    M = len(inp.experts)
+    ck = f"center c={beta_c[0] * M:g}"
+    seed = sample["sample_seed"]
+    sub_g, sub_k = samples["gradient_fraction"], samples["eval_fraction"]
+
+    def tag(key):
+        return "" if samples[key] is inp.evalsets else f" on {sample[key]:g} of the eval examples (seed {seed})"
+
+    def n_tok(sets):
+        return sum(e.n_targets for ex in sets.values() for e in ex)
+
+    # the eval sample inside the gradient sample (one seed, eval_fraction <= gradient_fraction): the
+    # center's loss on it comes from the gradient's forward passes
+    nested = sub_k is not inp.evalsets and all({id(e) for e in sub_k[d]} <= {id(e) for e in sub_g[d]}
+                                                for d in inp.evalsets)
+    x, s = get(("gradient", ck + tag("gradient_fraction") + (f", with{tag('eval_fraction')}" if nested else "")),
+               lambda: gradient_at(inp.model, inp.base, inp.vectors, sub_g, beta0=beta_c, point="center",
+                                   part=sub_k if nested else None, **kw))
+    res = VariantResult(method, "sampled", beta_c, {}, s + draw_seconds, fe(x))
+    items = {"gradient_and_gram": round(s, 3), "draw": round(draw_seconds, 4)}
+    level = np.array([x.domains[d].loss for d in inp.evalsets])
+    if sub_g is not inp.evalsets:  # the center's full-set loss: the gradient sample's plus the rest's
+        rest = complement(inp.evalsets, sub_g)
+        lr, s2 = get(("loss", ck + " on the rest of the gradient sample" + tag("gradient_fraction")), lambda: losses_at(
+            inp.model, inp.base, inp.vectors, [beta_c], rest, pad_id=inp.pad_id, batch_tokens=kw["batch_tokens"]))
+        n_rest = np.array([sum(e.n_targets for e in rest[d]) for d in inp.evalsets], dtype=float)
+        n_g = np.array([x.domains[d].tokens for d in inp.evalsets], dtype=float)
+        level = (level * n_g + np.nan_to_num(lr[0]) * n_rest) / (n_g + n_rest)
+        res.seconds += s2
+        res.forward_equivalents += n_tok(rest) / tokens
+        items["center_loss_rest"] = round(s2, 3)
+    if sub_k is inp.evalsets:
+        k1, s1 = k1_losses(coef1, inp.evalsets)
+        center_k = level
+    else:  # the M single-expert merges and the center on the same sample: control variates
+        points = [*(coef1 * np.eye(M))] + ([] if nested else [beta_c])
+        both, s1 = get(("k=1" + ("" if nested else " and center") + " losses",
+                        f"coef {coef1:g}" + ("" if nested else f", {ck}") + tag("eval_fraction")),
+                       lambda: losses_at(inp.model, inp.base, inp.vectors, points, sub_k, pad_id=inp.pad_id,
+                                         batch_tokens=kw["batch_tokens"]))
+        k1 = both[:M]
+        center_k = np.array([x.part_losses[d] for d in inp.evalsets]) if nested else both[M]
+    res.seconds += s1
+    res.forward_equivalents += (M if sub_k is inp.evalsets else len(points)) * n_tok(sub_k) / tokens
+    items["single_expert_losses"] = round(s1, 3)
+    for j, d in enumerate(inp.evalsets):
+        q = x.domains[d]
+        if sub_g is not inp.evalsets:
+            q = DomainQuantities(d, q.tokens, float(level[j]), q.a, q.G)
+        est = k1[:, j] if sub_k is inp.evalsets else k1[:, j] + (level[j] - center_k[j])
+        res.domains[d], sc = P.calibrate(q, beta_c, coef1, est)
+        res.scales[d] = sc.round(4).tolist()
+    res.sample = {**sample,
+                  "examples": {d: len(sub_k[d]) for d in inp.evalsets},
+                  "gradient_examples": {d: len(sub_g[d]) for d in inp.evalsets},
+                  "examples_full": {d: len(ex) for d, ex in inp.evalsets.items()},
+                  "token_fraction": round(n_tok(sub_k) / tokens, 4),
+                  "gradient_token_fraction": round(n_tok(sub_g) / tokens, 4), "seconds_by_item": items}
+    return res
 
 
 def predictions_table(cfg: dict, inp: SizeInputs, results: list[VariantResult]) -> pd.DataFrame:
@@ -161,12 +270,6 @@ def predictions_table(cfg: dict, inp: SizeInputs, results: list[VariantResult]) 
                 rows.append((inp.size, inp.n_params, r.method, r.variant, s.k, s.id, s.label, dom, dom in s.members,
                              P.quadratic_loss(q, d), "ok"))
     return pd.DataFrame(rows, columns=PRED_COLUMNS)
-
-
-def macro(domains: dict[str, DomainQuantities]) -> DomainQuantities:
-    ds = list(domains.values())
-    return DomainQuantities("macro", sum(d.tokens for d in ds), float(np.mean([d.loss for d in ds])),
-                            np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
 
 
 def summary(cfg: dict, inp: SizeInputs, results: list[VariantResult], out_of_scope: list[str]) -> dict:
@@ -201,6 +304,8 @@ def summary(cfg: dict, inp: SizeInputs, results: list[VariantResult], out_of_sco
             entry["h_similarity"] = (G / np.outer(dg, dg)).round(4).tolist()
         if r.scales:
             entry["calibration_scales"] = r.scales
+        if r.sample:
+            entry["sample"] = r.sample
         methods.setdefault(r.method, {})[r.variant] = entry
     return {"size": inp.size, "params": inp.n_params, "M": M, "load_seconds": round(inp.load_seconds, 2),
             "diagnostics": diag, "methods": methods,
@@ -209,22 +314,36 @@ def summary(cfg: dict, inp: SizeInputs, results: list[VariantResult], out_of_sco
                                 "curvature, which this command does not model" for m in out_of_scope}}
 
 
+def sweep_cost(log_dir: str | Path, size: str, method: str) -> tuple[float | None, int | None, float | None]:
+    """(seconds, merges, load seconds) of the sweep of (size, method), summed over its shards' logs
+    (the last such lines of each): its logged time, which includes loading the base, the experts and
+    the eval sets, the merges it evaluated, and that loading's own time; Nones without logs."""
+    files = sorted(Path(log_dir, size, method).glob("*.log"))
+    total, merges, load = None, None, None
+    for f in files:
+        text = f.read_text(errors="replace")
+        m = re.findall(r"(\d+) merges evaluated \(\d+ in the table\) in ([0-9.]+)s", text)
+        if m:
+            total = (total or 0.0) + float(m[-1][1])
+            merges = (merges or 0) + int(m[-1][0])
+            loaded = re.findall(r"eval domains; loaded in ([0-9.]+)s", text)
+            if loaded:
+                load = (load or 0.0) + float(loaded[-1])
+    return total, merges, load
+
+
 def sweep_seconds(log_dir: str | Path, size: str, method: str) -> float | None:
     """The sweep's own time for (size, method), summed over its shards' logs, else None."""
-    files = sorted(Path(log_dir, size, method).glob("*.log"))
-    total = None
-    for f in files:
-        m = re.findall(r"merges evaluated \(\d+ in the table\) in ([0-9.]+)s", f.read_text(errors="replace"))
-        if m:
-            total = (total or 0.0) + float(m[-1])
-    return total
+    return sweep_cost(log_dir, size, method)[0]
 
 
 def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None = None, variants=VARIANTS,
                 losses: str | Path | None = None, sweep_logs: str | Path | None = None,
-                expert_dirs: dict[str, str] | None = None, log=print) -> dict:
+                expert_dirs: dict[str, str] | None = None, log=print, eval_fraction: float | None = None,
+                gradient_fraction: float | None = None, sample_seed: int | None = None) -> dict:
     """`mergelaws predict`: writes ``out`` (per-subset predictions, parquet), ``out``.json (summary)
-    and, given a losses table, ``<out>_compare.csv`` (+ .parquet) and ``<out>_compare.png``."""
+    and, given a losses table, ``<out>_compare.csv`` (+ .parquet) and ``<out>_compare.png``.
+    ``eval_fraction``, ``gradient_fraction``, ``sample_seed`` override the config's theory keys (sampled)."""
     from mergelaws import grid, io
     from mergelaws.sweep import write_table
     from mergelaws.theory import score as S
@@ -233,13 +352,14 @@ def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None
     if bad:
         raise ConfigError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     inside, outside = linear_methods(cfg, methods)
+    sample = sample_settings(cfg, eval_fraction, gradient_fraction, sample_seed)
     table = None
     if losses is not None:
         table = io.read_table(losses, "losses table", ["size", "method", "k", "subset", "eval_domain", "loss"],
                               "pass the losses table `mergelaws aggregate` writes (results/losses.parquet)")
     t0 = time.time()
     inp = load_inputs(cfg, size, expert_dirs, log)
-    results = compute_variants(cfg, inp, inside, variants, log)
+    results = compute_variants(cfg, inp, inside, variants, log, sample=sample)
     pred = predictions_table(cfg, inp, results)
     summ = summary(cfg, inp, results, outside)
     summ["seconds"] = round(time.time() - t0, 2)
@@ -248,8 +368,9 @@ def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None
     write_table(pred, out)
     if table is not None:
         logs = Path(sweep_logs) if sweep_logs else grid.results_dir(cfg) / "logs" / "sweep"
-        secs = {m: sweep_seconds(logs, size, m) for m in inside}
-        scores = S.scores_frame(S.score(pred, table, summ, secs))
+        cost = {m: sweep_cost(logs, size, m) for m in inside}
+        scores = S.scores_frame(S.score(pred, table, summ, {m: c[0] for m, c in cost.items()},
+                                        {m: c[1] for m, c in cost.items()}, {m: c[2] for m, c in cost.items()}))
         summ["scores"] = scores.to_dict(orient="records")
         stem = out.with_suffix("")
         write_table(scores, Path(f"{stem}_compare.parquet"), csv=True)
@@ -257,7 +378,10 @@ def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None
         for r in scores.itertuples():
             log(f"predict {size}/{r.method}/{r.variant}: Spearman {r.spearman:.3f} (k>=2 {r.spearman_k2:.3f}), "
                 f"curve MAE {r.curve_mae:.4f}, drop {r.drop_predicted:.3f} vs {r.drop_measured:.3f} measured, "
-                f"variance ratio {r.variance_ratio:.2f}, {r.seconds:.1f}s = {r.compute_fraction:.1%} of the sweep")
+                f"variance ratio {r.variance_ratio:.2f}, {r.seconds:.1f}s = {r.compute_fraction:.1%} of the sweep "
+                f"({r.compute_fraction_no_load:.1%} of its merging and evaluating, {r.forward_fraction:.1%} in "
+                f"forward passes; {r.compute_fraction_enumeration:.2%} of an estimated full enumeration of the "
+                f"{r.enumeration_subsets} subsets)")
         if fig:
             log(f"predict {size}: figure -> {fig}")
     io.write_text(out.with_suffix(".json"), json.dumps(summ, indent=1, default=_jsonable) + "\n")

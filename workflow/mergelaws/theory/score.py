@@ -4,7 +4,19 @@ Per (size, method, variant), on the subsets the sweep measured: per-subset Pears
 (k >= 1, and k >= 2, the points no variant was calibrated on), the MAE of the per-k means, the
 k = 1 -> M drop, the per-size law L_inf + A/(k+b) fitted (weights k) to the predicted and to the
 measured means, the theorem's L_inf and A, the ratio of the across-subset variances (summed over
-k = 1..M-1, same subsets) and the prediction's time as a fraction of the sweep's.
+k = 1..M-1, same subsets) and the prediction's cost:
+
+* ``compute_fraction``: its measured seconds (its passes and arithmetic, not loading the models)
+  over the measured sweep's (that size and method, from the sweep's logs; they include the
+  sweep's loading of the base, the experts and the eval sets) -- the headline number;
+* ``compute_fraction_no_load``: the same seconds over the sweep's time less its logged loading
+  (like for like: neither side's loading counted);
+* ``forward_fraction``: its work in passes over the full eval set (a backward counted as 2) over the
+  sweep's merges (one full-set evaluation each; the merges themselves not counted) -- the same
+  ratio free of timing noise;
+* ``compute_fraction_enumeration``: a second, separate number: its seconds over the estimated time
+  of a sweep of every subset the predictor predicts, the 2^M - 1 non-empty subsets at the measured
+  sweep's seconds per merge.
 """
 
 from __future__ import annotations
@@ -42,7 +54,15 @@ class Score:
     variance_ratio: float  # sum_k var_pred / sum_k var_meas, k = 1..M-1
     seconds: float
     sweep_seconds: float
-    compute_fraction: float
+    compute_fraction: float  # seconds / sweep_seconds (the measured sweep)
+    sweep_load_seconds: float = float("nan")  # the sweep's loading, inside sweep_seconds
+    compute_fraction_no_load: float = float("nan")  # seconds / (sweep_seconds - sweep_load_seconds)
+    forward_equivalents: float = float("nan")  # full eval-set passes, a backward as 2
+    sweep_merges: float = float("nan")  # merges the measured sweep evaluated
+    forward_fraction: float = float("nan")  # forward_equivalents / sweep_merges
+    enumeration_subsets: int = 0  # 2^M - 1
+    enumeration_seconds: float = float("nan")  # estimated: sweep_seconds / sweep_merges x (2^M - 1)
+    compute_fraction_enumeration: float = float("nan")  # seconds / enumeration_seconds (second number)
 
 
 def subset_view(table: pd.DataFrame, view: str = VIEW) -> pd.DataFrame:
@@ -51,9 +71,12 @@ def subset_view(table: pd.DataFrame, view: str = VIEW) -> pd.DataFrame:
     return per_subset_values(table, view)
 
 
-def score(pred: pd.DataFrame, losses: pd.DataFrame, summary: dict, sweep_seconds: dict[str, float | None]
-          ) -> list[Score]:
-    """Scores of every (method, variant) of one size's predictions against the losses table."""
+def score(pred: pd.DataFrame, losses: pd.DataFrame, summary: dict, sweep_seconds: dict[str, float | None],
+          sweep_merges: dict[str, int | None] | None = None,
+          sweep_load_seconds: dict[str, float | None] | None = None) -> list[Score]:
+    """Scores of every (method, variant) of one size's predictions against the losses table;
+    ``sweep_merges``: the merges the measured sweep evaluated in ``sweep_seconds`` (default: the
+    table's subsets of that size and method); ``sweep_load_seconds``: the loading inside them."""
     from scipy.stats import pearsonr, spearmanr
 
     from mergelaws.laws import fit_per_size
@@ -78,6 +101,13 @@ def score(pred: pd.DataFrame, losses: pd.DataFrame, summary: dict, sweep_seconds
         drop_p = float(means["value_pred"].iloc[0] - means["value_pred"].iloc[-1])
         entry = summary["methods"][method][variant]
         sw = sweep_seconds.get(method)
+        n_sw = (sweep_merges or {}).get(method) or int(meas["subset"].nunique())
+        n_enum = 2 ** M - 1
+        fe = float(entry.get("forward_equivalents", float("nan")))
+        enum_s = sw / n_sw * n_enum if sw else float("nan")
+        load = (sweep_load_seconds or {}).get(method)
+        load = float(load) if load is not None and sw else float("nan")
+        rest = sw - load if sw and np.isfinite(load) and sw > load else float("nan")
         out.append(Score(
             size, method, variant, int(len(j)),
             float(spearmanr(j["value_meas"], j["value_pred"])[0]), float(pearsonr(j["value_meas"], j["value_pred"])[0]),
@@ -88,7 +118,9 @@ def score(pred: pd.DataFrame, losses: pd.DataFrame, summary: dict, sweep_seconds
             entry["theorem"]["L_inf"], entry["theorem"]["A"],
             float(var["value_pred"].sum() / var["value_meas"].sum()) if len(var) else float("nan"),
             entry["seconds"], float(sw) if sw else float("nan"),
-            entry["seconds"] / sw if sw else float("nan")))
+            entry["seconds"] / sw if sw else float("nan"),
+            load, entry["seconds"] / rest,
+            fe, float(n_sw), fe / n_sw, n_enum, enum_s, entry["seconds"] / enum_s if sw else float("nan")))
     return out
 
 
