@@ -6,6 +6,10 @@ results/fits/fits.json and results/experts/{xs,s,m}/ exist)::
     python benchmarks/bench_adaptive.py                     # emulate a grid of targets, run the chosen one
     python benchmarks/bench_adaptive.py --no-run            # emulation only (seconds)
     python benchmarks/bench_adaptive.py --run-target 0.01 --run-min 2
+    # against the paper's design, every subset (511 per size; results/adaptive_full.md):
+    python benchmarks/bench_adaptive.py --config full.yaml --losses full.parquet --fits full/fits.json \
+        --k-sets all --out benchmarks/results/adaptive_full.md --note "..."
+    (full.yaml: config.yaml with sweep.subsets_per_k 126, so every C(9, k) subset is swept.)
 
 What it does, for method ``average`` and the fit view (cross_domain):
 
@@ -95,8 +99,8 @@ def compare(fits, per_size_ci: pd.DataFrame, unified_ci: dict) -> dict:
             if p != "b":
                 inside_all &= ok
             rows.append((f"{f.size}: {p}", val, r["estimate"], r["lo"], r["hi"], ok))
-    u = [u for u in fits.unified if u.view == VIEW and u.method == METHOD][0]
-    for p, ci in unified_ci.items():
+    u = next((u for u in fits.unified if u.view == VIEW and u.method == METHOD), None)
+    for p, ci in unified_ci.items() if u is not None else ():
         val = getattr(u, p)
         ok = bool(ci["lo"] - 1e-12 <= val <= ci["hi"] + 1e-12)
         rows.append((f"unified: {p}", val, None, ci["lo"], ci["hi"], ok))
@@ -105,10 +109,11 @@ def compare(fits, per_size_ci: pd.DataFrame, unified_ci: dict) -> dict:
             "n_inside": sum(r[5] for r in rows), "n": len(rows)}
 
 
-def full_wall_from_logs() -> dict[str, float]:
+def full_wall_from_logs(pattern: str = "results/logs/sweep/{size}/average/*") -> dict[str, float]:
     out = {}
     for size in SIZES:
-        for log in (ROOT / "results" / "logs" / "sweep" / size / METHOD).glob("*"):
+        for log in ROOT.glob(pattern.format(size=size)) if not pattern.startswith("/") else \
+                Path("/").glob(pattern.format(size=size).lstrip("/")):
             m = re.search(r"merges evaluated \(\d+ in the table\) in ([\d.]+)s", log.read_text())
             if m:
                 out[size] = float(m.group(1))
@@ -146,19 +151,28 @@ def main(argv=None) -> int:
     ap.add_argument("--run-k", help="sweep.k of the real run, e.g. 0,1,2,3,5,9 (default: the chosen setting's)")
     ap.add_argument("--rerun-full", action="store_true", help="also time the full (uniform) sweeps now")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptive.md"))
+    ap.add_argument("--full-logs", default="results/logs/sweep/{size}/average/*",
+                    help="the full design's sweep logs ({size} filled in), for its wall time")
+    ap.add_argument("--n-boot", type=int, help="replicates of the full design's per-size intervals "
+                                               "(default: the config's fit.n_boot)")
+    ap.add_argument("--note", default="", help="a paragraph under the title: how the full table was made")
     a = ap.parse_args(argv)
 
     import os
     os.chdir(ROOT)
     cfg = C.load(a.config)
-    fitcfg = cfg["fit"]
+    fitcfg = dict(cfg["fit"])
+    if a.n_boot:
+        fitcfg["n_boot"] = a.n_boot  # the full design's intervals need replicates (SmolLM2's config fits with 0)
     losses = pd.read_parquet(a.losses)
     full = losses[losses["method"] == METHOD].reset_index(drop=True)
     n_full = full.groupby("size")["subset"].nunique().to_dict()
     values = laws.per_subset_values(full, VIEW)
     fits_json = laws.load_fits(a.fits)
-    uni = [u for u in fits_json.unified if u.view == VIEW and u.method == METHOD][0]
-    unified_ci = {p: {"lo": v.lo, "hi": v.hi} for p, v in uni.ci.items()
+    global SIZES
+    SIZES = sorted(full["size"].unique(), key=lambda z: full.loc[full["size"] == z, "params"].iat[0])
+    uni = [u for u in fits_json.unified if u.view == VIEW and u.method == METHOD]  # none for one size
+    unified_ci = {p: {"lo": v.lo, "hi": v.hi} for p, v in ((uni[0].ci or {}).items() if uni else ())
                   if p in ("A0", "b", "beta", "B", "gamma", "L_star")}
     print("bootstrapping the full design's per-size intervals ...", flush=True)
     per_size_ci = full_intervals(full, fitcfg)
@@ -212,7 +226,8 @@ def main(argv=None) -> int:
         real = {"walls": walls, "full_walls_now": full_walls, "same": same, "diffs": diffs, "stops": stops,
                 "n": {s: tables[s]["subset"].nunique() for s in SIZES}}
 
-    text = render(grid_rows, best, best_all, real, (run_k, run_t, run_m), n_full, full_wall_from_logs())
+    text = render(grid_rows, best, best_all, real, (run_k, run_t, run_m), n_full, full_wall_from_logs(a.full_logs),
+                  a.note, a.fits)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print(text)
@@ -236,15 +251,17 @@ def _best_block(best, label) -> list[str]:
     return out + [""]
 
 
-def render(grid_rows, best, best_all, real, run, n_full, full_logs) -> str:
+def render(grid_rows, best, best_all, real, run, n_full, full_logs, note: str = "",
+           fits: str = "results/fits/fits.json") -> str:
     run_k, run_t, run_m = run
     total = sum(n_full.values())
     out = ["# Adaptive subset sampling vs the full design (method average, cross_domain view)", "",
            "Produced by `python benchmarks/bench_adaptive.py` on the default study (9 domains, sizes xs, s, m; "
            f"full design: {', '.join(f'{s} {n}' for s, n in n_full.items())} subsets = {total} merges). "
            "Intervals: the full design's 95% intervals (per size: parametric bootstrap, 200 replicates, "
-           "as the fit step; unified: results/fits/fits.json). 'L∞, A inside' = every size's L∞ and A of the "
+           f"as the fit step; unified: {fits}). 'L∞, A inside' = every size's L∞ and A of the "
            "adaptive fit inside the full fit's intervals; 'unified inside' = every unified parameter inside.",
+           *(["", note] if note else []),
            "", "## Emulated grid (exact: every subset the adaptive order reaches is in the full table)", "",
            "| sweep.k | target_sem | min_per_k | merges | of full | per-size L∞, A inside | unified inside | "
            "estimates inside |",

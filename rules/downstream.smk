@@ -13,6 +13,9 @@ DOWNSTREAM = (
     if _DS["tasks"]
     else []
 )
+_DS_TABLES = list(DOWNSTREAM)
+if DOWNSTREAM:  # Fig 10's analogue from every (size, method) table, with where each curve saturates
+    DOWNSTREAM += [f"{RESULTS}/figures/fig10_downstream.png", f"{RESULTS}/downstream/saturation.csv"]
 
 
 rule downstream:
@@ -44,3 +47,22 @@ rule downstream:
     shell:
         "mergelaws downstream --config {params.config} --size {wildcards.size} --method {wildcards.method} "
         "--out {output.parquet} --threads {threads} 2>&1 | tee {log}"
+
+
+rule fig10:
+    input:
+        _DS_TABLES,
+    output:
+        png=f"{RESULTS}/figures/fig10_downstream.png",
+        pdf=f"{RESULTS}/figures/fig10_downstream.pdf",
+        saturation=f"{RESULTS}/downstream/saturation.csv",
+    params:
+        out=f"{RESULTS}/figures/fig10_downstream",
+    log:
+        f"{RESULTS}/logs/fig10.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fig10.tsv"
+    conda:
+        FIT_ENV
+    shell:
+        "mergelaws fig10 {input} --out {params.out} --saturation {output.saturation} 2>&1 | tee {log}"

@@ -121,6 +121,21 @@ def test_downstream_cli_end_to_end(study, uninterrupted):
     assert (d / "fig10.png").stat().st_size > 1000 and set(sat["task"]) == set(TASKS) | {DS.CE_TASK}
 
 
+def test_fig10_cli_draws_both_formats_and_the_saturation_table(study, uninterrupted, capsys):
+    d, _, _ = study
+    assert cli.main(["fig10", str(uninterrupted), "--out", str(d / "f10" / "fig10_downstream"),
+                     "--saturation", str(d / "f10" / "saturation.csv")]) == 0
+    for ext in (".png", ".pdf"):
+        assert (d / "f10" / f"fig10_downstream{ext}").stat().st_size > 1000
+    sat = pd.read_csv(d / "f10" / "saturation.csv")
+    assert set(sat["task"]) == set(TASKS) | {DS.CE_TASK}
+    assert not list((d / "f10").glob(".*tmp*"))  # written atomically, no temporary left
+    capsys.readouterr()
+    assert cli.main(["fig10", str(d / "missing.parquet"), "--out", str(d / "f10" / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.parquet" in err[0] and "mergelaws downstream" in err[0]
+
+
 def test_in_memory_score_equals_the_saved_checkpoints(study, tmp_path, monkeypatch):
     """lm-eval on the live merged model (HFLM over the object) = lm-eval on it saved and reloaded."""
     from mergelaws import config, grid, sweep

@@ -112,6 +112,25 @@ def cmd_downstream(args) -> None:
     downstream.run_downstream(_cfg(args), args.size, args.method, args.out)
 
 
+def cmd_fig10(args) -> None:
+    from mergelaws import io
+    from mergelaws.errors import ConfigError
+    from mergelaws.plots.downstream import plot_downstream
+
+    missing = [t for t in args.tables if not Path(t).is_file()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: no such downstream table; run `mergelaws downstream` (rule downstream) first")
+    out, made, sat = Path(args.out), [], None
+    for ext in (".png", ".pdf"):
+        with io.atomic_path(out.with_suffix(ext)) as tmp:
+            sat = plot_downstream(args.tables, tmp, metric=args.metric)
+        made.append(str(out.with_suffix(ext)))
+    if args.saturation:
+        io.write_text(args.saturation, sat.to_csv(index=False))
+        made.append(args.saturation)
+    print(f"fig10: {', '.join(made)}")
+
+
 def cmd_aggregate(args) -> None:
     from mergelaws import sweep
 
@@ -397,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="1of1", help="which of the size's sweep shards, '<i>of<n>' (default 1of1)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
+    p = add("fig10", cmd_fig10, "Fig 10 analogue from downstream tables: score and CE vs k per task, and "
+            "where each saturates")
+    p.add_argument("tables", nargs="+", help="results/downstream/<size>/<method>.parquet")
+    p.add_argument("--out", required=True, help="figure path without extension (.png and .pdf are written)")
+    p.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    p.add_argument("--saturation", help="also write the per-task saturation table (CSV) here")
     p = add("downstream", cmd_downstream, "lm-evaluation-harness scores of the merged subsets of one (size, method) "
             "(downstream.tasks; App. K)")
     p.add_argument("--size", required=True)

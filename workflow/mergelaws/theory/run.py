@@ -84,11 +84,20 @@ def load_inputs(cfg: dict, size: str, expert_dirs: dict[str, str] | None = None,
     expert_dirs = expert_dirs or {d: grid.expert_dir(cfg, size, d) for d in experts}
     vectors = []
     for d in experts:
+        # as the sweep reads them: through memory maps where the expert's safetensors hold the
+        # model's tensor names (checked from headers; no transformers model built, so M experts
+        # cost M task vectors), else loaded through transformers and checked after loading
+        src = sweep._open(expert_dirs[d])
+        if src is not None and all(n in src for n in base):
+            cuts = models.check_expert_files(model, expert_dirs[d])
+            vectors.append({n: src.get(n)[:cuts[n] if n in cuts else None].float() - base[n] for n in base})
+            del src
+            continue
         em = models.load_model(expert_dirs[d], "float32", "cpu", allow_bin=cfg["allow_bin_checkpoints"])
         cuts = models.check_compatible(model, em, expert_dirs[d], allow_vocab_growth=True)
         st = models.float_state(em)
         vectors.append({n: (st[n].detach()[:cuts[n]] if n in cuts else st[n].detach()) - base[n] for n in base})
-        del em
+        del em, st
     with torch.no_grad():
         evalsets = {d: enc.examples for d, enc in sweep.load_eval_sets(cfg, tok, log).items()}
     return SizeInputs(size, model, tok.pad_token_id, base, vectors, experts, evalsets, models.count_params(model),
