@@ -284,6 +284,18 @@ def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torc
     return out
 
 
+def weight_gram(vectors: list[dict[str, torch.Tensor]], names=None) -> np.ndarray:
+    """v_i^T v_j in float64, summed over tensors one tensor's stack at a time (a float64 copy of
+    every task vector at once would be 8 x M bytes a parameter: 9.7 GB for nine 135M experts)."""
+    M = len(vectors)
+    gram = np.zeros((M, M))
+    for n in (names if names is not None else (list(vectors[0]) if M else ())):
+        S = torch.stack([v[n].reshape(-1) for v in vectors]).double()
+        gram += (S @ S.T).numpy()
+        del S
+    return gram
+
+
 def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
                 evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
                 point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu",
@@ -299,11 +311,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
     # the Gram and, per domain, g^T v_i as float64 sums over tensors, one tensor's stack at a time
     # (a persistent float64 copy of every task vector would be 8 x M bytes a parameter: 9.7 GB for
     # nine experts of a 135M model)
-    gram = np.zeros((M, M))
-    for n in names if M else ():
-        S = torch.stack([v[n].reshape(-1) for v in vectors]).double()
-        gram += (S @ S.T).numpy()
-        del S
+    gram = weight_gram(vectors, names)
     live = dict(model.named_parameters())
     saved = {n: live[n].detach().clone() for n in names}
     with torch.no_grad():

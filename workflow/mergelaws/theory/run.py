@@ -30,7 +30,7 @@ import pandas as pd
 from mergelaws.errors import ConfigError, MethodError
 from mergelaws.theory import predict as P
 from mergelaws.theory.quantities import (DomainQuantities, Expansion, complement, gradient_at, gram_at, losses_at,
-                                         macro, subsample)
+                                         macro, subsample, weight_gram)
 
 VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
 #: the sampled variant's settings when the config has none (the schema's defaults)
@@ -284,16 +284,14 @@ def predictions_table(cfg: dict, inp: SizeInputs, results: list[VariantResult]) 
 def summary(cfg: dict, inp: SizeInputs, results: list[VariantResult], out_of_scope: list[str]) -> dict:
     """Per method and variant: the theorem's terms (macro), the exact finite-pool E[L|k] and the
     variance across all k-subsets (cross_domain view); diagnostics of the task vectors."""
-    import torch
-
     M = len(inp.experts)
-    flat = torch.stack([torch.cat([v[n].flatten() for n in inp.base]) for v in inp.vectors]).double()
-    mu = flat.mean(0)
-    norms = flat.norm(dim=1)
-    cos = (flat @ flat.T / torch.outer(norms, norms)).numpy()
-    diag = {"experts": inp.experts, "norm_mu": float(mu.norm()),
-            "trace_sigma": float(((flat - mu) ** 2).sum(1).mean()),
-            "norm_v": norms.numpy().round(6).tolist(), "cosine": cos.round(4).tolist()}
+    G = weight_gram(inp.vectors, list(inp.base))  # per tensor: no flat copy of the task vectors
+    norms = np.sqrt(np.diag(G))
+    cos = G / np.outer(norms, norms)
+    mu2 = float(G.sum()) / M ** 2  # |mu|^2 = 1^T G 1 / M^2
+    diag = {"experts": inp.experts, "norm_mu": float(np.sqrt(max(mu2, 0.0))),
+            "trace_sigma": float(np.diag(G).mean() - mu2),  # mean |v_i - mu|^2
+            "norm_v": norms.round(6).tolist(), "cosine": cos.round(4).tolist()}
     methods = {}
     for r in results:
         params = cfg["methods"][r.method]
