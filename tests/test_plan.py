@@ -357,3 +357,21 @@ def test_plan_reports_the_theory_scores_it_is_given(tmp_path):
     assert "1 of 2 rows reach Spearman ≥ 0.95 with the drop within 15% (variants: center)." in md
     assert "| m | average | theta0 | 0.930 (0.900) | 0.1000 | 0.470 / 0.250 |" in md
     assert len(json.loads((tmp_path / "plan.json").read_text())["theory"]) == 2
+
+
+def test_plan_flags_laws_whose_loss_rises_with_k(tmp_path):
+    """A method whose loss grows with k (FR-Merging's summed vectors on the tiny bases) fits A < 0:
+    plan.md says so for exactly those laws, naming them, and for no falling one."""
+    t = _small_grid(9, per_k=2)
+    meth = sorted(t["method"].unique())[0]
+    rising = t["method"] == meth
+    t.loc[rising, "loss"] = t.loc[rising, "loss"] + 0.15 * t.loc[rising, "k"]  # the loss now grows with k
+    P.write_plan(t, None, tmp_path, n_boot=0)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    md = (tmp_path / "plan.md").read_text()
+    neg = [r for r in plan["laws"] if r["A"] < 0]
+    assert neg and {r["method"] for r in neg} == {meth}
+    assert f"**Loss rises with k for {len(neg)} of {len(plan['laws'])} laws**" in md
+    assert all(f"{r['size']} {meth} (A = {r['A']:.3g})" in md for r in neg)
+    P.write_plan(t[~rising], None, tmp_path / "falling", n_boot=0)
+    assert "Loss rises with k" not in (tmp_path / "falling" / "plan.md").read_text()

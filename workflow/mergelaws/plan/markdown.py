@@ -231,6 +231,14 @@ def render_markdown(plan: Mapping) -> str:
                         "without intervals (n_boot = 0) nothing here tells how well the data pin "
                         "them") + ". Measure more k values to test the law.")
 
+    rising = [r for r in plan["laws"] if r.get("A") is not None and r["A"] < 0]
+    if rising:
+        names = ", ".join(f"{r['size']} {r['method']} (A = {r['A']:.3g})" for r in rising)
+        parts.append(f"**Loss rises with k for {len(rising)} of {len(plan['laws'])} laws** ({names}): "
+                     f"A < 0, so L∞ + A/(k+b) is not a floor approached with diminishing returns but a "
+                     f"curve fitted to a loss that grows as experts are added; read their L∞, A, b, k_ε "
+                     f"and k90 as a description of that rise, not as the paper's law.")
+
     parts.append("## Fitted laws")
     ci = " [95%]" if s["n_boot"] else ""
     parts.append(_table(["size", "method", f"L∞{ci}", f"A{ci}", f"b{ci}", "k values", "R²"], [
