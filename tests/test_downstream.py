@@ -134,6 +134,11 @@ def test_fig10_cli_draws_both_formats_and_the_saturation_table(study, uninterrup
     assert cli.main(["fig10", str(d / "missing.parquet"), "--out", str(d / "f10" / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.parquet" in err[0] and "mergelaws downstream" in err[0]
+    for bad, content in (("corrupt.parquet", b"garbage"), ("empty.parquet", b"")):
+        (d / bad).write_bytes(content)
+        assert cli.main(["fig10", str(d / bad), "--out", str(d / "f10" / "y")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad in err[0] and not list((d / "f10").glob("y.*"))
 
 
 def test_in_memory_score_equals_the_saved_checkpoints(study, tmp_path, monkeypatch):

@@ -117,13 +117,20 @@ def cmd_fig10(args) -> None:
     from mergelaws.errors import ConfigError
     from mergelaws.plots.downstream import plot_downstream
 
+    import pandas as pd
+
+    from mergelaws.downstream import COLUMNS
+
+    fix = "pass the tables `mergelaws downstream` (rule downstream) writes, results/downstream/<size>/<method>.parquet"
     missing = [t for t in args.tables if not Path(t).is_file()]
     if missing:
-        raise ConfigError(f"{missing[0]}: no such downstream table; run `mergelaws downstream` (rule downstream) first")
+        raise ConfigError(f"{missing[0]}: no such downstream table; {fix}")
+    table = pd.concat([io.read_table(t, what="downstream table", columns=COLUMNS, fix=fix) for t in args.tables],
+                      ignore_index=True)
     out, made, sat = Path(args.out), [], None
     for ext in (".png", ".pdf"):
         with io.atomic_path(out.with_suffix(ext)) as tmp:
-            sat = plot_downstream(args.tables, tmp, metric=args.metric)
+            sat = plot_downstream(table, tmp, metric=args.metric)
         made.append(str(out.with_suffix(ext)))
     if args.saturation:
         io.write_text(args.saturation, sat.to_csv(index=False))
