@@ -493,3 +493,15 @@ def test_one_macro():
     assert (m.tokens, m.loss) == (8, 1.5)
     np.testing.assert_allclose(m.a, [2.0, 2.0])
     np.testing.assert_allclose(m.G, 2 * np.eye(2))
+
+
+@pytest.mark.parametrize("kw, needle", [({"eval_fraction": 0.0}, "theory.eval_fraction"),
+                                        ({"gradient_fraction": 2.0}, "theory.gradient_fraction"),
+                                        ({"seed": -1}, "theory.sample_seed")])
+def test_sample_settings_refuse_bad_values_in_one_line(kw, needle):
+    from mergelaws.errors import ConfigError
+    from mergelaws.theory.run import sample_settings
+
+    with pytest.raises(ConfigError, match=needle) as exc:
+        sample_settings({"theory": {}}, **kw)
+    assert "\n" not in str(exc.value)

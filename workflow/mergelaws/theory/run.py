@@ -128,6 +128,8 @@ def sample_settings(cfg: dict, eval_fraction: float | None = None, gradient_frac
     for key in ("eval_fraction", "gradient_fraction"):
         if not 0 < float(th[key]) <= 1:
             raise ConfigError(f"theory.{key} must be in (0, 1], got {th[key]}")
+    if int(th["sample_seed"]) < 0:
+        raise ConfigError(f"theory.sample_seed (--sample-seed) must be a non-negative integer, got {th['sample_seed']}")
     return {"eval_fraction": float(th["eval_fraction"]), "gradient_fraction": float(th["gradient_fraction"]),
             "sample_seed": int(th["sample_seed"])}
 
