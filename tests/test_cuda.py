@@ -350,3 +350,79 @@ def test_merge_cli_device_flag(tmp_path, experts):  # noqa: F811
                 torch.testing.assert_close(g[n].float(), r[n].float(), rtol=2 ** -7, atol=1e-6)
         else:
             _same_files(got, ref, method)
+
+
+# ---- (e) OpenRLHF's train_sft on the GPU -----------------------------------------------------------
+
+OPENRLHF_PYTHON = os.environ.get("MERGELAWS_OPENRLHF_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OPENRLHF_PYTHON or torch.device(DEVICE).type != "cuda",
+                    reason="needs a CUDA device and MERGELAWS_OPENRLHF_PYTHON (an environment with OpenRLHF "
+                           "0.11 and DeepSpeed; flash-attn optional)")
+def test_openrlhf_trains_an_expert_on_cuda(cfg, tmp_path, capsys):
+    """The product path on a GPU: DeepSpeed's launcher starts OpenRLHF's own
+    ``openrlhf.cli.train_sft`` (no CPU shim: DeepSpeed's CUDA accelerator, NCCL, its fused Adam
+    built for the GPU), ZeRO-2, bf16, sdpa attention, on the tiny xs base and the arithmetic
+    domain with the chat template and the system prompt. Where flash-attn is not installed, only
+    its pure-PyTorch stand-in (tests/openrlhf_shim/flash_attn) is put on PYTHONPATH for
+    OpenRLHF's module-level imports. The expert is complete, compatible with its base, and has a
+    lower eval loss than the base (the project's evaluation, on the GPU)."""
+    import json
+    import time
+
+    from mergelaws import config as C
+    from mergelaws import openrlhf as O
+    from mergelaws import sweep, train
+    from mergelaws.evaluate import evaluate_examples
+
+    domain, n_examples, batch = "arithmetic", 256, 8
+    steps = n_examples // batch
+    raw = copy.deepcopy(cfg)
+    raw["results"] = str(tmp_path / "results")
+    raw["system_prompt"] = "You are a helpful assistant."
+    raw["train"].update(backend="openrlhf", batch_size=batch, max_len=128, lr=1e-3, warmup_ratio=0.05,
+                        max_examples=n_examples)
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))}
+    has_flash = subprocess_has_module(OPENRLHF_PYTHON, "flash_attn")
+    if not has_flash:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests" / "openrlhf_shim"),
+                                                        os.environ.get("PYTHONPATH")) if p)
+    raw["train"]["openrlhf"] = dict(python=OPENRLHF_PYTHON, launcher="deepspeed", num_gpus=1, micro_batch_size=batch,
+                                    zero_stage=2, param_dtype="bf16", attn_implementation="sdpa", max_epochs=1,
+                                    env=env)
+    raw["eval"]["max_examples"] = 64
+    c = C.validate(raw)
+    out = Path(c["results"]) / "experts" / "xs" / domain
+    t0 = time.time()
+    rec = train.train_expert(c, "xs", domain, str(out))
+    seconds = time.time() - t0
+    log = capsys.readouterr().out
+    assert "deepspeed.launcher.runner" in rec["openrlhf"]["command"]
+    assert "openrlhf.cli.train_sft" in rec["openrlhf"]["command"] and "cpu_sft_main" not in rec["openrlhf"]["command"]
+    losses = O.parse_losses(log.splitlines())
+    assert len(losses) == steps, (len(losses), steps)
+    loss_first, loss_last = losses[0], sum(losses[-10:]) / 10
+    assert math.isfinite(loss_first) and loss_last < loss_first - 0.05, losses
+    assert rec["loss_mask"]["identical"] == rec["loss_mask"]["checked"]
+    assert json.loads((out / "mergelaws_expert.json").read_text())["domain"] == domain
+    base = models.load_model(XS, "float32", DEVICE)
+    expert = models.load_model(out, "float32", DEVICE)
+    models.check_compatible(base, expert, out)
+    tok = models.load_tokenizer(out)
+    ev = sweep.load_eval_sets(c, tok, log=lambda *a: None)[domain].examples
+    base_loss = evaluate_examples(base, ev, pad_id=tok.pad_token_id, device=DEVICE).loss
+    expert_loss = evaluate_examples(expert, ev, pad_id=tok.pad_token_id, device=DEVICE).loss
+    assert expert_loss < base_loss - 0.05, (base_loss, expert_loss)
+    with capsys.disabled():
+        print(f"\n[openrlhf cuda] OpenRLHF {rec['openrlhf']['version']} on {torch.cuda.get_device_name()}, "
+              f"flash-attn {'real' if has_flash else 'stand-in'}: {steps} steps of {batch}; gpt_loss "
+              f"{loss_first:.3f} -> {loss_last:.3f} (mean of last 10); eval loss on {domain}: base "
+              f"{base_loss:.4f} -> expert {expert_loss:.4f}; {seconds:.1f}s incl. launcher and JIT builds")
+
+
+def subprocess_has_module(python: str, name: str) -> bool:
+    import subprocess
+
+    return subprocess.run([python, "-c", f"import {name}"], capture_output=True).returncode == 0

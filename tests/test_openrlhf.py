@@ -122,6 +122,19 @@ def test_python_launcher_for_a_shim_module(cfg, monkeypatch):
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == ("0", "1", "0", "29612")
 
 
+@pytest.mark.parametrize("given,passed", [
+    ("9.0a", "9.0"), ("8.0;9.0a;10.0a+PTX", "8.0;9.0;10.0+PTX"), ("9.0 9.0a", "9.0"),
+    ("8.0;9.0", "8.0;9.0"), ("7.5 8.6+PTX", "7.5 8.6+PTX")])
+def test_arch_list_that_deepspeeds_jit_cannot_parse_is_made_plain(cfg, given, passed):
+    """An H200 image set TORCH_CUDA_ARCH_LIST=9.0a and DeepSpeed 0.19.6's JIT build of its fused
+    Adam failed (int("0a")); the job's environment gets the plain list, unless the config sets it."""
+    c = with_openrlhf(cfg, launcher="deepspeed", python=sys.executable)
+    assert O.launch_env(c, 1, base_env={"TORCH_CUDA_ARCH_LIST": given})["TORCH_CUDA_ARCH_LIST"] == passed
+    assert "TORCH_CUDA_ARCH_LIST" not in O.launch_env(c, 1, base_env={})
+    c = with_openrlhf(cfg, launcher="deepspeed", python=sys.executable, env={"TORCH_CUDA_ARCH_LIST": "9.0a"})
+    assert O.launch_env(c, 1, base_env={"TORCH_CUDA_ARCH_LIST": "8.0"})["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+
+
 def test_interpreter_must_exist(cfg):
     c = with_openrlhf(cfg, python="/nonexistent/bin/python")
     with pytest.raises(C.ConfigError, match="train.openrlhf.python"):

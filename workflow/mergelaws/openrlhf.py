@@ -569,11 +569,34 @@ def build_command(cfg: dict, *, base: str, dataset: str | Path, output_dir: str 
     return [*runner, *multi, "--launcher", o["multinode_launcher"], *tail]
 
 
+_ARCH_SUFFIX = re.compile(r"^(\d+\.\d+)[a-z]+((?:\+PTX)?)$", re.IGNORECASE)
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed's JIT builder can read it: the architecture-specific
+    suffixes (``9.0a``, ``10.0f``) dropped, since DeepSpeed 0.19 parses each part as an integer
+    (``int("0a")``, a ValueError when it builds its fused Adam on an H100/H200 whose image sets
+    ``9.0a``). The plain ``9.0`` builds the same ops for the same GPU. A list with no suffix is
+    returned as it is; ``train.openrlhf.env`` can still set the variable explicitly."""
+    parts = value.replace(";", " ").split()
+    if not any(_ARCH_SUFFIX.match(p) for p in parts):
+        return value
+    out: list[str] = []
+    for p in parts:
+        m = _ARCH_SUFFIX.match(p)
+        q = m.group(1) + m.group(2) if m else p
+        if q not in out:
+            out.append(q)
+    return ";".join(out)
+
+
 def launch_env(cfg: dict, port: int, base_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The subprocess environment: ours + ``train.openrlhf.env`` (``$VARS`` expanded) + what a
     single ``python`` process needs to form a 1-rank DeepSpeed group."""
     o = settings(cfg)
     env = dict(os.environ if base_env is None else base_env)
+    if "TORCH_CUDA_ARCH_LIST" in env:
+        env["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     for key, value in (o.get("env") or {}).items():
         env[key] = os.path.expandvars(os.path.expanduser(str(value)))
     env.setdefault("PYTHONUNBUFFERED", "1")
