@@ -445,3 +445,77 @@ def test_all_finite_and_where0_are_exact():
     ref = torch.where(mask, v, 0.0)
     got = S.where0(mask, v)
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+# ---- sweep.dtype auto and storage rounding --------------------------------------------------------
+
+def _bf16_pool(work: Path, scale: float, n: int = 3) -> tuple[str, dict[str, str]]:
+    """The xs base stored in bf16 (tokenizer files copied) and n bf16 experts: base + seeded
+    N(0, scale^2) noise, rounded to bf16 as a saved checkpoint would be."""
+    import shutil
+
+    from mergelaws import models
+
+    xs = ROOT / "data" / "bases" / "xs"
+    base_dir = work / f"bf16-base-{scale:g}"
+    m = models.load_model(xs).to(torch.bfloat16)
+    m.save_pretrained(base_dir)
+    for f in xs.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, base_dir / f.name)
+    dirs = {}
+    for j, d in enumerate(DOMS[:n]):
+        e = models.load_model(base_dir, "float32")
+        g = torch.Generator().manual_seed(300 + j)
+        with torch.no_grad():
+            for p in models.float_state(e).values():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+        e.to(torch.bfloat16).save_pretrained(work / f"bf16-{scale:g}-{d}")
+        dirs[d] = str(work / f"bf16-{scale:g}-{d}")
+    return str(base_dir), dirs
+
+
+def test_auto_dtype_keeps_merges_in_float32_when_bf16_would_round_the_delta_away(tmp_path):
+    """Task vectors below bf16's resolution (SmolLM2's short fine-tuning): the average of the
+    experts, stored in bf16, loses most of its delta, so `auto` stores merges in float32 and says
+    why; an explicit bfloat16 is kept with a warning; large task vectors keep bf16 silently; an
+    fp32 base needs no check."""
+    from mergelaws import sweep
+
+    small_base, small = _bf16_pool(tmp_path, 2e-4)
+    large_base, large = _bf16_pool(tmp_path, 2e-2)
+    loss_small = sweep.merge_rounding_loss(small_base, tuple(small.values()), "bfloat16")
+    loss_large = sweep.merge_rounding_loss(large_base, tuple(large.values()), "bfloat16")
+    assert loss_small > 0.3 and loss_large < 0.05, (loss_small, loss_large)
+
+    logs: list[str] = []
+    auto, bf16 = {"sweep": {"dtype": "auto"}}, {"sweep": {"dtype": "bfloat16"}}
+    assert sweep.sweep_dtype(auto, small_base, small, logs.append) == "float32"
+    assert sweep.sweep_dtype(auto, small_base, small, logs.append) == "float32"
+    assert len(logs) == 1 and "merges are stored in float32" in logs[0] and f"{loss_small:.0%}" in logs[0], logs
+    assert sweep.sweep_dtype(auto, small_base) == "bfloat16"  # without the experts: the base's dtype
+    assert sweep.sweep_dtype(bf16, small_base, small, logs.append) == "bfloat16"
+    assert len(logs) == 2 and logs[1].startswith("warning: sweep.dtype bfloat16"), logs
+    assert sweep.sweep_dtype(auto, large_base, large, logs.append) == "bfloat16"
+    assert sweep.sweep_dtype(auto, ROOT / "data" / "bases" / "xs", small, logs.append) == "float32"
+    assert len(logs) == 2
+
+
+def test_auto_dtype_sweep_measures_the_merge_not_the_rounding(tmp_path):
+    """The sweep itself: with task vectors below bf16's resolution, `auto` gives the float32 sweep's
+    table bit for bit, and the bf16 sweep differs at k = 3 (its merge is rounded back to the base)."""
+    from mergelaws import config
+    from mergelaws.sweep import run_sweep
+
+    base, dirs = _bf16_pool(tmp_path, 2e-4)
+    raw = {"results": str(tmp_path / "results"), "domains": domain_specs(DOMS[:3]),
+           "bases": {"b": {"model": base}}, "methods": {"average": {}},
+           "sweep": {"k": [0, 3], "device": "cpu"}, "eval": {"max_examples": 4, "max_len": 64}}
+    tables, logs = {}, []
+    for dtype in ("auto", "float32", "bfloat16"):
+        c = config.validate({**raw, "sweep": {**raw["sweep"], "dtype": dtype}})
+        tables[dtype] = run_sweep(c, "b", "average", tmp_path / f"{dtype}.parquet", expert_dirs=dirs, log=logs.append)
+    assert any("sweep.dtype auto:" in line and "float32" in line for line in logs), logs
+    pd.testing.assert_frame_equal(tables["auto"], tables["float32"])
+    k3 = {d: t[t["k"] == 3]["loss"].to_numpy() for d, t in tables.items()}
+    assert (abs(k3["bfloat16"] - k3["float32"]) > 1e-4).any(), k3

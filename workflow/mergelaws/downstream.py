@@ -431,7 +431,7 @@ def run_downstream(cfg: dict, size: str, method: str, out: str | Path, expert_di
     groups = task_domains(tasks)
     progress = SubsetRows(out, resume_settings(cfg, size, method, base_path, expert_dirs, chosen), tag, log)
     tok = models.load_tokenizer(base_path)
-    model = models.load_model(base_path, sweep.sweep_dtype(cfg, base_path), device,
+    model = models.load_model(base_path, sweep.sweep_dtype(cfg, base_path, expert_dirs, log), device,
                               allow_bin=cfg["allow_bin_checkpoints"])
     model.eval()
     n_params = models.count_params(model)

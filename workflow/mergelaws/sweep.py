@@ -17,6 +17,7 @@ and gives the same rows. Why each k stopped is logged and written beside the tab
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -65,7 +66,7 @@ def run_sweep(cfg: dict, size: str, method: str, out: str | Path, expert_dirs: d
 
     tok = models.load_tokenizer(base_path)
     allow_bin = cfg["allow_bin_checkpoints"]
-    dtype = sweep_dtype(cfg, base_path)
+    dtype = sweep_dtype(cfg, base_path, expert_dirs, log)
     log(f"sweep {tag}: merges stored in {dtype} (sweep.dtype: {cfg['sweep']['dtype']}), arithmetic in float32")
     model = models.load_model(base_path, dtype, device, allow_bin=allow_bin)
     n_params = models.count_params(model)
@@ -304,11 +305,93 @@ def _run_adaptive(cfg, size, method, out, log, tag, t0, model, tok, live, merger
     return table
 
 
-def sweep_dtype(cfg: dict, base_path) -> str:
+ROUNDING_LIMIT = 0.05  # the share of the merged delta that sweep.dtype auto lets storage rounding lose
+_LOW_PRECISION = ("bfloat16", "float16")
+
+
+def sweep_dtype(cfg: dict, base_path, expert_dirs: dict[str, str] | None = None, log=None) -> str:
     """The dtype merged models are stored in during the sweep: sweep.dtype, where ``auto`` is the
-    base's storage dtype (so a bf16 base gives bf16 merges, like the checkpoints a user would save)."""
-    dtype = cfg["sweep"]["dtype"]
-    return models.storage_dtype(base_path) if dtype == "auto" else dtype
+    base's storage dtype (so a bf16 base gives bf16 merges, like the checkpoints a user would save),
+    unless rounding to it would lose more than ``ROUNDING_LIMIT`` of the merged delta: then float32.
+
+    Short fine-tuning leaves task vectors below bf16's resolution of the weights (SmolLM2's experts,
+    24 steps at lr 1e-4: rounding the nine-expert average to bf16 loses 65% of its delta, and the
+    sweep measured the rounding, not the merge). With ``expert_dirs`` (local safetensors), ``auto``
+    measures that loss on the merge of all of them (:func:`merge_rounding_loss`) and keeps the
+    low-precision dtype only when it is small; an explicit low-precision ``sweep.dtype`` is kept and
+    the loss logged as a warning. ``log`` gets one line, once per process and setting."""
+    setting = cfg["sweep"]["dtype"]
+    store = models.storage_dtype(base_path)
+    dtype = store if setting == "auto" else setting
+    if dtype not in _LOW_PRECISION or not expert_dirs:
+        return dtype
+    loss = merge_rounding_loss(str(base_path), tuple(str(expert_dirs[d]) for d in sorted(expert_dirs)), dtype)
+    if loss is None or loss <= ROUNDING_LIMIT:
+        return dtype
+    key = (str(base_path), tuple(sorted(map(str, expert_dirs.values()))), setting)
+    said = key in _ROUNDING_SAID
+    _ROUNDING_SAID.add(key)
+    what = (f"storing the merge of all {len(expert_dirs)} experts in {dtype} loses {loss:.0%} of its delta "
+            f"from the base (limit {ROUNDING_LIMIT:.0%}): the experts' task vectors are below {dtype}'s "
+            f"resolution of the weights")
+    if setting == "auto":
+        if log and not said:
+            log(f"sweep.dtype auto: {what}; merges are stored in float32 (set sweep.dtype: {dtype} to keep "
+                f"{dtype} anyway)")
+        return "float32"
+    if log and not said:
+        log(f"warning: sweep.dtype {setting}: {what}; the losses measure that rounding as much as the merge "
+            f"(sweep.dtype: float32 or auto avoids it)")
+    return dtype
+
+
+_ROUNDING_SAID: set = set()
+
+
+def merge_rounding_loss(base_path: str, expert_paths: tuple[str, ...], dtype: str) -> float | None:
+    """‖round(θ0 + μ) − (θ0 + μ)‖ / ‖μ‖ over every floating-point tensor, with μ the mean of the
+    experts' task vectors and round() a cast to ``dtype`` and back: the share of the merged delta
+    that storing the merge of all the experts in ``dtype`` loses. Read tensor by tensor through
+    memory maps (the base's and the experts' safetensors), on every step-th block of 4096
+    entries (about 2^23 in all); tensors whose shapes differ from the base's (a grown vocabulary) are left out. None if any model is not a local safetensors
+    directory, or if μ is zero. Cached per process, keyed by the files' sizes and times."""
+    def stamp(path: str):
+        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).glob("*.safetensors")))
+
+    return _rounding_loss(base_path, expert_paths, dtype, tuple(stamp(p) for p in (base_path, *expert_paths)))
+
+
+@functools.lru_cache(maxsize=16)
+def _rounding_loss(base_path: str, expert_paths: tuple[str, ...], dtype: str, _stamps) -> float | None:
+    base = _open(base_path)
+    experts = [_open(p) for p in expert_paths]
+    if base is None or not experts or any(e is None for e in experts):
+        return None
+    low = models.resolve_dtype(dtype)
+    names = [n for n in _float_keys(base)
+             if all(n in e and tuple(e.shape(n)) == tuple(base.shape(n)) for e in experts)]
+    # every step-th block of 4096 entries of each tensor (about 2^23 entries in all): the ratio to a
+    # fraction of a percent, reading a small share of each file's pages
+    step = max(1, sum(math.prod(base.shape(n)) for n in names) >> 23)
+
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        flat, block = t.reshape(-1), 4096
+        if step == 1 or flat.numel() < block * step:
+            return flat.float()
+        nb = flat.numel() // block
+        return flat[:nb * block].view(nb, block)[::step].float().reshape(-1)
+
+    err = delta = 0.0
+    for name in names:
+        theta0 = sample(base.get(name))
+        mu = torch.zeros_like(theta0)
+        for e in experts:
+            mu += sample(e.get(name))
+        mu = mu.div_(len(experts)).sub_(theta0)
+        merged = theta0 + mu
+        err += float(torch.linalg.vector_norm(merged.to(low).float().sub_(merged))) ** 2
+        delta += float(torch.linalg.vector_norm(mu)) ** 2
+    return math.sqrt(err / delta) if delta > 0 else None
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:
@@ -408,7 +491,7 @@ def build_merger(cfg: dict, method: str, params: dict, model, live: dict, base_p
         mode = "memory"
     if mode == "stream":
         merger = merging.SubsetMerger(method, params, base_src, seed=cfg["seed"], mode="stream", device=device,
-                                      base_dtype=models.resolve_dtype(sweep_dtype(cfg, base_path)), names=names,
+                                      base_dtype=models.resolve_dtype(sweep_dtype(cfg, base_path, expert_dirs)), names=names,
                                       reuse=reuse)
     else:
         merger = merging.SubsetMerger(method, params, {n: p.detach() for n, p in live.items()}, seed=cfg["seed"],
@@ -466,7 +549,7 @@ def fingerprint(cfg: dict, size: str, method: str, base: str, expert_dirs: dict[
                       if f.suffix in (".safetensors", ".json"))
 
     key = {"size": size, "method": method, "params": cfg["methods"][method], "seed": cfg["seed"],
-           "eval": cfg["eval"], "dtype": sweep_dtype(cfg, base), "domains": cfg["domains"],
+           "eval": cfg["eval"], "dtype": sweep_dtype(cfg, base, expert_dirs), "domains": cfg["domains"],
            "system_prompt": cfg.get("system_prompt"),
            "subsets": [s.id for s in subsets], "base": stamp(base),
            "experts": {d: stamp(p) for d, p in sorted(expert_dirs.items())}}
