@@ -417,13 +417,20 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
         np.testing.assert_allclose(r.scales[d], s.round(4), atol=2e-4)
         np.testing.assert_allclose(r.domains[d].G, want.G, rtol=1e-4, atol=1e-8)
         assert P.quadratic_loss(r.domains[d], np.zeros(M)) == pytest.approx(full_c[j], rel=1e-6)  # k = M
-    # its cost: every pass, in full eval-set passes (a backward counted as 2)
-    tok = sum(e.n_targets for ex in inp.evalsets.values() for e in ex)
-    tk = sum(e.n_targets for ex in sub_k.values() for e in ex) / tok
-    tg = sum(e.n_targets for ex in sub_g.values() for e in ex) / tok
-    rest = sum(e.n_targets for ex in complement(inp.evalsets, sub_g).values() for e in ex) / tok
-    assert rest == pytest.approx(1 - tg)
-    assert r.forward_equivalents == pytest.approx(3 * tg + (1 - tg) + (M + (fk > fg)) * tk)
+    # its cost: every pass, in positions (padding included) over those of one merge's evaluation in
+    # the sweep (each domain batched apart, no padding limit); a backward counted as 2
+    from mergelaws.data import length_batches
+    from mergelaws.theory.quantities import MAX_WASTE
+
+    def pos(examples, waste=MAX_WASTE):
+        return sum(max(len(e) for e in b) * len(b) for b in length_batches(examples, 32, waste)) if examples else 0
+
+    sweep = sum(pos(ex, None) for ex in inp.evalsets.values())
+    tk = pos([e for ex in sub_k.values() for e in ex]) / sweep
+    tg = sum(pos(ex) for ex in sub_g.values()) / sweep  # the gradient: one domain at a time
+    rest = pos([e for ex in complement(inp.evalsets, sub_g).values() for e in ex]) / sweep
+    assert r.forward_equivalents == pytest.approx(3 * tg + rest + (M + (fk > fg)) * tk)
+    assert r.sample["position_fraction"] == pytest.approx(tk, abs=1e-4)
     items = r.sample["seconds_by_item"]
     assert set(items) == {"gradient_and_gram", "center_loss_rest", "single_expert_losses", "draw"}
     assert r.seconds == pytest.approx(sum(items.values()), abs=2e-3)
@@ -505,3 +512,30 @@ def test_sample_settings_refuse_bad_values_in_one_line(kw, needle):
     with pytest.raises(ConfigError, match=needle) as exc:
         sample_settings({"theory": {}}, **kw)
     assert "\n" not in str(exc.value)
+
+
+def test_blocked_dot_and_weight_gram_match_float64():
+    from mergelaws.theory.quantities import blocked_dot, weight_gram
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3 * 16384 + 77, generator=g), torch.randn(3 * 16384 + 77, generator=g) * 1e-3
+    scale = float(x.norm() * y.norm())  # fp32 products: error ~1e-7 of |x||y|, whatever the cancellation
+    assert abs(blocked_dot(x, y) - float(x.double() @ y.double())) < 1e-6 * scale
+    assert blocked_dot(x[:50], y[:50]) == pytest.approx(float(x[:50].double() @ y[:50].double()), rel=1e-12)
+    vecs = [{"a": torch.randn(40000, generator=g), "b": torch.randn(7, 9, generator=g)} for _ in range(3)]
+    flat = torch.stack([torch.cat([v["a"], v["b"].reshape(-1)]) for v in vecs]).double()
+    np.testing.assert_allclose(weight_gram(vecs), (flat @ flat.T).numpy(), rtol=1e-6, atol=1e-6 * float(flat.norm(dim=1).max() ** 2))
+
+
+def test_length_batches_keep_padding_within_the_waste_limit():
+    from mergelaws.data import IGNORE, Example, length_batches
+
+    lens = [5, 6, 6, 7, 20, 22, 60, 61, 200]
+    ex = [Example(list(range(n)), [IGNORE] + list(range(1, n))) for n in lens]
+    one = length_batches(ex, 10_000)
+    assert len(one) == 1  # no limit: one batch, padded to 200 (1,800 positions for 387 tokens)
+    cut = length_batches(ex, 10_000, 0.1)
+    assert sorted(len(e) for b in cut for e in b) == lens
+    for b in cut:
+        assert max(len(e) for e in b) * len(b) <= 1.1 * sum(len(e) for e in b)
+    assert [[len(e) for e in b] for b in cut] == [[5, 6, 6], [7], [20, 22], [60, 61], [200]]

@@ -325,21 +325,25 @@ def pad_batch(examples: list[Example], pad_id: int, length: int | None = None):
     return ids, att, lab
 
 
-def length_batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
+def length_batches(examples: list[Example], batch_tokens: int, max_waste: float | None = None) -> list[list[Example]]:
     """Sort by length and cut into batches whose padded size stays within ``batch_tokens``.
 
     Sequences are never padded to a fixed max length, only to the longest in their batch,
-    which (being sorted) is close to the others.
+    which (being sorted) is close to the others. ``max_waste``: also cut where padding would make
+    the batch more than (1 + max_waste) x its tokens (for a few examples of spread-out lengths,
+    which would otherwise share one batch padded to the longest).
     """
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))
-    batches, cur, cur_max = [], [], 0
+    batches, cur, cur_max, cur_sum = [], [], 0, 0
     for i in order:
         ln = len(examples[i])
-        if cur and max(cur_max, ln) * (len(cur) + 1) > batch_tokens:
+        padded = max(cur_max, ln) * (len(cur) + 1)
+        if cur and (padded > batch_tokens or (max_waste is not None and padded > (1 + max_waste) * (cur_sum + ln))):
             batches.append(cur)
-            cur, cur_max = [], 0
+            cur, cur_max, cur_sum = [], 0, 0
         cur.append(examples[i])
         cur_max = max(cur_max, ln)
+        cur_sum += ln
     if cur:
         batches.append(cur)
     return batches

@@ -30,7 +30,7 @@ import pandas as pd
 from mergelaws.errors import ConfigError, MethodError
 from mergelaws.theory import predict as P
 from mergelaws.theory.quantities import (DomainQuantities, Expansion, complement, gradient_at, gram_at, losses_at,
-                                         macro, subsample, weight_gram)
+                                         macro, stream_positions, subsample, sweep_positions, weight_gram)
 
 VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
 #: the sampled variant's settings when the config has none (the schema's defaults)
@@ -61,7 +61,7 @@ class VariantResult:
     beta0: np.ndarray
     domains: dict[str, DomainQuantities]
     seconds: float
-    forward_equivalents: float  # passes over the eval tokens, a JVP counted as 2
+    forward_equivalents: float  # passes over the sweep's padded eval positions, a backward or JVP tangent as 2
     scales: dict[str, list[float]] = field(default_factory=dict)  # calibration s per domain
     sample: dict = field(default_factory=dict)  # the sampled variant's eval sample and its cost items
 
@@ -140,10 +140,11 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
 
     Each result's ``seconds`` is the measured time of everything it uses (a computation shared with
     another variant, through the cache, counts in full for each), and ``forward_equivalents`` the
-    same work in passes over the full eval set (a backward counted as 2, a JVP tangent as 2)."""
+    same work in passes over the full eval set: padded positions through the model over those of
+    one merge's evaluation in the sweep (a backward counted as 2, a JVP tangent as 2)."""
     M, out, cache = len(inp.experts), [], {}
     kw = dict(pad_id=inp.pad_id, experts=inp.experts, batch_tokens=cfg["eval"]["batch_tokens"])
-    tokens = sum(e.n_targets for ex in inp.evalsets.values() for e in ex)
+    tokens = sweep_positions(inp.evalsets, kw["batch_tokens"])
 
     def fe(x: Expansion) -> float:  # forward-equivalents: one primal + M tangents (x2) per pass
         return (x.forward_tokens / max(M, 1) * (1 + 2 * M)) / tokens if x.jvp_passes else x.forward_tokens / tokens * 3
@@ -192,7 +193,7 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
             if v in ("calibrated", "weights"):
                 k1, s1 = k1_losses(coef1, inp.evalsets)
                 res.seconds += s1
-                res.forward_equivalents += M
+                res.forward_equivalents += M * stream_positions(inp.evalsets, kw["batch_tokens"]) / tokens
                 doms = {}
                 for j, d in enumerate(inp.evalsets):
                     doms[d], sc = P.calibrate(x.domains[d], beta_c, coef1, k1[:, j])
@@ -218,6 +219,9 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
     def n_tok(sets):
         return sum(e.n_targets for ex in sets.values() for e in ex)
 
+    def n_pos(sets):
+        return stream_positions(sets, kw["batch_tokens"])
+
     # the eval sample inside the gradient sample (one seed, eval_fraction <= gradient_fraction): the
     # center's loss on it comes from the gradient's forward passes
     nested = sub_k is not inp.evalsets and all({id(e) for e in sub_k[d]} <= {id(e) for e in sub_g[d]}
@@ -236,7 +240,7 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
         n_g = np.array([x.domains[d].tokens for d in inp.evalsets], dtype=float)
         level = (level * n_g + np.nan_to_num(lr[0]) * n_rest) / (n_g + n_rest)
         res.seconds += s2
-        res.forward_equivalents += n_tok(rest) / tokens
+        res.forward_equivalents += n_pos(rest) / tokens
         items["center_loss_rest"] = round(s2, 3)
     if sub_k is inp.evalsets:
         k1, s1 = k1_losses(coef1, inp.evalsets)
@@ -250,7 +254,7 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
         k1 = both[:M]
         center_k = np.array([x.part_losses[d] for d in inp.evalsets]) if nested else both[M]
     res.seconds += s1
-    res.forward_equivalents += (M if sub_k is inp.evalsets else len(points)) * n_tok(sub_k) / tokens
+    res.forward_equivalents += (M if sub_k is inp.evalsets else len(points)) * n_pos(sub_k) / tokens
     items["single_expert_losses"] = round(s1, 3)
     for j, d in enumerate(inp.evalsets):
         q = x.domains[d]
@@ -263,8 +267,9 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
                   "examples": {d: len(sub_k[d]) for d in inp.evalsets},
                   "gradient_examples": {d: len(sub_g[d]) for d in inp.evalsets},
                   "examples_full": {d: len(ex) for d, ex in inp.evalsets.items()},
-                  "token_fraction": round(n_tok(sub_k) / tokens, 4),
-                  "gradient_token_fraction": round(n_tok(sub_g) / tokens, 4), "seconds_by_item": items}
+                  "token_fraction": round(n_tok(sub_k) / n_tok(inp.evalsets), 4),
+                  "gradient_token_fraction": round(n_tok(sub_g) / n_tok(inp.evalsets), 4),
+                  "position_fraction": round(n_pos(sub_k) / tokens, 4), "seconds_by_item": items}
     return res
 
 
