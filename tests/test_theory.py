@@ -418,14 +418,14 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
         np.testing.assert_allclose(r.domains[d].G, want.G, rtol=1e-4, atol=1e-8)
         assert P.quadratic_loss(r.domains[d], np.zeros(M)) == pytest.approx(full_c[j], rel=1e-6)  # k = M
     # its cost: every pass, in positions (padding included) over those of one merge's evaluation in
-    # the sweep (each domain batched apart, no padding limit); a backward counted as 2
+    # the sweep (each domain batched apart); a backward counted as 2
     from mergelaws.data import length_batches
     from mergelaws.theory.quantities import MAX_WASTE
 
     def pos(examples, waste=MAX_WASTE):
         return sum(max(len(e) for e in b) * len(b) for b in length_batches(examples, 32, waste)) if examples else 0
 
-    sweep = sum(pos(ex, None) for ex in inp.evalsets.values())
+    sweep = sum(pos(ex) for ex in inp.evalsets.values())
     tk = pos([e for ex in sub_k.values() for e in ex]) / sweep
     tg = sum(pos(ex) for ex in sub_g.values()) / sweep  # the gradient: one domain at a time
     rest = pos([e for ex in complement(inp.evalsets, sub_g).values() for e in ex]) / sweep

@@ -26,18 +26,15 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp, vmap
 
-from mergelaws.data import IGNORE, Example, length_batches, pad_batch
-
-#: the theory passes cut a length-sorted batch where padding would exceed 10% of its tokens: a
-#: sample of a few examples per domain would otherwise share one batch padded to its longest
-#: (SmolLM2, 18 examples: 3,906 padded tokens for 1,969; with the cut 2,092, and half the time)
-MAX_WASTE = 0.1
+from mergelaws.data import IGNORE, MAX_WASTE, Example, length_batches, pad_batch
 #: fp32 dot products over blocks of this many entries, the blocks summed in float64
 DOT_BLOCK = 1 << 14
 
 
 def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
-    """The theory passes' batches: ``length_batches`` with padding kept within ``MAX_WASTE``."""
+    """The theory passes' batches: ``length_batches`` with padding kept within ``MAX_WASTE``, as the
+    sweep's evaluation (a 1/8 sample of SmolLM2's eval set, 18 examples, would otherwise be one batch
+    of 3,906 positions for 1,969 tokens; cut, 2,092)."""
     return length_batches(examples, batch_tokens, MAX_WASTE)
 
 
@@ -55,9 +52,9 @@ def stream_positions(evalsets: dict[str, list[Example]], batch_tokens: int) -> i
 
 
 def sweep_positions(evalsets: dict[str, list[Example]], batch_tokens: int) -> int:
-    """Padded positions of one merge's evaluation in the sweep (each domain's examples batched by
-    ``length_batches`` without a padding limit): the unit of forward-pass cost."""
-    return sum(padded_positions(ex, batch_tokens, None) for ex in evalsets.values() if ex)
+    """Padded positions of one merge's evaluation in the sweep (each domain's examples batched apart,
+    as ``evaluate_examples`` does): the unit of forward-pass cost."""
+    return sum(padded_positions(ex, batch_tokens) for ex in evalsets.values() if ex)
 
 
 def blocked_dot(x: torch.Tensor, y: torch.Tensor, block: int = DOT_BLOCK) -> float:

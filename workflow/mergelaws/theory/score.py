@@ -11,9 +11,10 @@ k = 1..M-1, same subsets) and the prediction's cost:
   sweep's loading of the base, the experts and the eval sets) -- the headline number;
 * ``compute_fraction_no_load``: the same seconds over the sweep's time less its logged loading
   (like for like: neither side's loading counted);
-* ``forward_fraction``: its work in passes over the full eval set (a backward counted as 2) over the
-  sweep's merges (one full-set evaluation each; the merges themselves not counted) -- the same
-  ratio free of timing noise;
+* ``forward_fraction``: its work in passes over the full eval set -- positions through the model,
+  padding included, over those of one merge's evaluation in the sweep; a backward counted as 2 --
+  over the sweep's merges (one full-set evaluation each; the merges themselves not counted): the
+  same ratio free of timing noise (on a CPU a backward pass costs nearer 2.5-3 forward passes);
 * ``compute_fraction_enumeration``: a second, separate number: its seconds over the estimated time
   of a sweep of every subset the predictor predicts, the 2^M - 1 non-empty subsets at the measured
   sweep's seconds per merge.
