@@ -420,7 +420,7 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
     # its cost: every pass, in positions (padding included) over those of one merge's evaluation in
     # the sweep (each domain batched apart); a backward counted as 2
     from mergelaws.data import length_batches
-    from mergelaws.theory.quantities import MAX_WASTE
+    from mergelaws.data import MAX_WASTE
 
     def pos(examples, waste=MAX_WASTE):
         return sum(max(len(e) for e in b) * len(b) for b in length_batches(examples, 32, waste)) if examples else 0

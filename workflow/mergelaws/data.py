@@ -356,6 +356,12 @@ def length_batches(examples: list[Example], batch_tokens: int, max_waste: float 
     return batches
 
 
+def eval_batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
+    """Every evaluation's batches (the sweep's, ``mergelaws eval``'s, ``mergelaws predict``'s):
+    ``length_batches`` with padding kept within ``MAX_WASTE`` of each batch's tokens."""
+    return length_batches(examples, batch_tokens, MAX_WASTE)
+
+
 def sample_batches(examples: list[Example], batch_size: int, steps: int, seed: int):
     """Seeded epoch-wise shuffling: yields ``steps`` batches of ``batch_size`` examples."""
     rng = random.Random(seed)

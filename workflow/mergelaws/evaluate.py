@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mergelaws.data import IGNORE, MAX_WASTE, Example, length_batches, pad_batch
+from mergelaws.data import IGNORE, Example, eval_batches, pad_batch
 
 LOGIT_CHUNK_ROWS = 2048
 
@@ -76,11 +76,11 @@ def target_nll(model, input_ids, attention_mask, labels, *, reduction: str = "su
 def evaluate_examples(model, examples: list[Example], *, pad_id: int, batch_tokens: int = 8192,
                       device: str | torch.device = "cpu") -> LossSum:
     """Token-weighted response cross-entropy of ``model`` on ``examples``, in length-sorted batches
-    of at most ``batch_tokens`` padded positions, each padded by at most ``MAX_WASTE`` of its tokens."""
+    of at most ``batch_tokens`` padded positions, each padded by at most ``data.MAX_WASTE`` of its tokens."""
     was_training = model.training
     model.eval()
     total = LossSum()
-    for batch in length_batches(examples, batch_tokens, MAX_WASTE):
+    for batch in eval_batches(examples, batch_tokens):
         ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
         nll, n = target_nll(model, ids, att, lab)
         total += LossSum(float(nll), n)

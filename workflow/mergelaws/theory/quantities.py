@@ -26,24 +26,17 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp, vmap
 
-from mergelaws.data import IGNORE, MAX_WASTE, Example, length_batches, pad_batch
+from mergelaws.data import IGNORE, Example, eval_batches, pad_batch
+
 #: fp32 dot products over blocks of this many entries, the blocks summed in float64
 DOT_BLOCK = 1 << 14
 
 
-def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
-    """The theory passes' batches: ``length_batches`` with padding kept within ``MAX_WASTE``, as the
-    sweep's evaluation (a 1/8 sample of SmolLM2's eval set, 18 examples, would otherwise be one batch
-    of 3,906 positions for 1,969 tokens; cut, 2,092)."""
-    return length_batches(examples, batch_tokens, MAX_WASTE)
-
-
-def padded_positions(examples: list[Example], batch_tokens: int, max_waste: float | None = MAX_WASTE) -> int:
-    """Positions a forward pass over ``examples`` computes, padding included, in
-    ``length_batches(examples, batch_tokens, max_waste)`` (the theory passes' by default)."""
-    if not examples:
-        return 0
-    return sum(max(len(e) for e in b) * len(b) for b in length_batches(examples, batch_tokens, max_waste))
+def padded_positions(examples: list[Example], batch_tokens: int) -> int:
+    """Positions a forward pass over ``examples`` computes in ``eval_batches``, padding included
+    (a 1/8 sample of SmolLM2's eval set, 18 examples, would be one batch of 3,906 positions for
+    1,969 tokens without the padding cut; with it, 2,092)."""
+    return sum(max(len(e) for e in b) * len(b) for b in eval_batches(examples, batch_tokens))
 
 
 def stream_positions(evalsets: dict[str, list[Example]], batch_tokens: int) -> int:
@@ -205,7 +198,7 @@ def gram_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.
     nll, n_tok, a, G = np.zeros(D), np.zeros(D, dtype=np.int64), np.zeros((D, M)), np.zeros((D, M, M))
     passes = fwd = 0
     with eager_attention(model):  # every domain's examples in one length-bucketed stream
-        for batch in batches(tagged, batch_tokens):
+        for batch in eval_batches(tagged, batch_tokens):
             ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
             f, targets = target_logits_fn(model, ids, att, lab)
             if targets.numel() == 0:
@@ -268,7 +261,7 @@ def _stream(evalsets: dict[str, list[Example]], batch_tokens: int, pad_id: int):
     copies = [(j, Example(e.input_ids, e.labels)) for j, d in enumerate(names) for e in evalsets[d]]
     owner = {id(e): j for j, e in copies}
     out = []
-    for batch in batches([e for _, e in copies], batch_tokens):
+    for batch in eval_batches([e for _, e in copies], batch_tokens):
         ids, att, lab = pad_batch(batch, pad_id)
         mask = lab[:, 1:] != IGNORE
         if not mask.any():
@@ -366,7 +359,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
         nll, n_tok, p_nll, p_tok = 0.0, 0, 0.0, 0
         inside = {id(e) for e in (part or {}).get(d, [])}
         model.zero_grad(set_to_none=True)
-        for batch in batches(examples, batch_tokens):
+        for batch in eval_batches(examples, batch_tokens):
             ids, att, lab = (t.to(device) for t in pad_batch(batch, pad_id))
             mask = lab[:, 1:] != IGNORE
             k = int(mask.sum())
