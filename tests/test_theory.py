@@ -374,7 +374,7 @@ def test_sampled_with_fractions_one_is_weights_exactly(tiny, method):
     from mergelaws.theory.run import compute_variants, sample_settings
 
     cfg, inp = _tiny_inputs(tiny)
-    sample = sample_settings(cfg, eval_fraction=1.0, gradient_fraction=1.0)
+    sample = sample_settings(cfg, eval_fraction=1.0, gradient_fraction=1.0, backward_dtype="float32")
     w, s = compute_variants(cfg, inp, [method], ["weights", "sampled"], log=lambda *_: None, sample=sample)
     assert (w.variant, s.variant) == ("weights", "sampled")
     for d in inp.evalsets:
@@ -394,7 +394,7 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
 
     cfg, inp = _tiny_inputs(tiny)
     model, base, vectors, M = inp.model, inp.base, inp.vectors, 3
-    sample = sample_settings(cfg, eval_fraction=fk, gradient_fraction=fg, seed=7)
+    sample = sample_settings(cfg, eval_fraction=fk, gradient_fraction=fg, seed=7, backward_dtype="float32")
     (r,) = compute_variants(cfg, inp, ["average"], ["sampled"], log=lambda *_: None, sample=sample)
     beta_c = np.full(M, 1 / M)
     sub_k = subsample(inp.evalsets, fk, 7)
@@ -504,7 +504,8 @@ def test_one_macro():
 
 @pytest.mark.parametrize("kw, needle", [({"eval_fraction": 0.0}, "theory.eval_fraction"),
                                         ({"gradient_fraction": 2.0}, "theory.gradient_fraction"),
-                                        ({"seed": -1}, "theory.sample_seed")])
+                                        ({"seed": -1}, "theory.sample_seed"),
+                                        ({"backward_dtype": "float16"}, "theory.backward_dtype")])
 def test_sample_settings_refuse_bad_values_in_one_line(kw, needle):
     from mergelaws.errors import ConfigError
     from mergelaws.theory.run import sample_settings
@@ -515,7 +516,7 @@ def test_sample_settings_refuse_bad_values_in_one_line(kw, needle):
 
 
 def test_blocked_dot_and_weight_gram_match_float64():
-    from mergelaws.theory.quantities import blocked_dot, weight_gram
+    from mergelaws.theory.quantities import blocked_dot, blocked_matmul, stack_vectors, stacked, weight_gram
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(3 * 16384 + 77, generator=g), torch.randn(3 * 16384 + 77, generator=g) * 1e-3
@@ -524,7 +525,24 @@ def test_blocked_dot_and_weight_gram_match_float64():
     assert blocked_dot(x[:50], y[:50]) == pytest.approx(float(x[:50].double() @ y[:50].double()), rel=1e-12)
     vecs = [{"a": torch.randn(40000, generator=g), "b": torch.randn(7, 9, generator=g)} for _ in range(3)]
     flat = torch.stack([torch.cat([v["a"], v["b"].reshape(-1)]) for v in vecs]).double()
-    np.testing.assert_allclose(weight_gram(vecs), (flat @ flat.T).numpy(), rtol=1e-6, atol=1e-6 * float(flat.norm(dim=1).max() ** 2))
+    want = (flat @ flat.T).numpy()
+    tol = dict(rtol=1e-6, atol=1e-6 * float(flat.norm(dim=1).max() ** 2))
+    np.testing.assert_allclose(weight_gram(vecs), want, **tol)
+    # stacked in place (one (M, ...) tensor per name): the same vectors, the same Gram by one matmul per name
+    before = [{n: t.clone() for n, t in v.items()} for v in vecs]
+    assert stacked(vecs, "a") is None
+    stack_vectors(vecs)
+    for v, w in zip(vecs, before):
+        for n in v:
+            assert torch.equal(v[n], w[n])
+    assert stacked(vecs, "a").shape == (3, 40000) and stacked(vecs, "b").shape == (3, 63)
+    np.testing.assert_allclose(weight_gram(vecs), want, **tol)
+    ys = torch.randn(2, 40000, generator=g)
+    np.testing.assert_allclose(blocked_matmul(stacked(vecs, "a"), ys),
+                               (flat[:, :40000] @ ys.double().T).numpy(), rtol=1e-6, atol=1e-6 * 40000)
+    # a row that is not its stack's row i is not taken for one
+    vecs[0]["a"], vecs[1]["a"] = vecs[1]["a"], vecs[0]["a"]
+    assert stacked(vecs, "a") is None
 
 
 def test_length_batches_keep_padding_within_the_waste_limit():
@@ -539,3 +557,72 @@ def test_length_batches_keep_padding_within_the_waste_limit():
     for b in cut:
         assert max(len(e) for e in b) * len(b) <= 1.1 * sum(len(e) for e in b)
     assert [[len(e) for e in b] for b in cut] == [[5, 6, 6], [7], [20, 22], [60, 61], [200]]
+
+
+def test_bf16_backward_keeps_every_loss_and_rounds_only_the_gradient(tiny):
+    """The sampled variant's bf16 backward: the forward is untouched (losses bit for bit), g^T v_i
+    carries bf16 rounding only, and the model's layers are themselves again afterwards."""
+    from mergelaws.theory.quantities import subsample
+
+    model, base, vectors, _ = tiny
+    sets = _evalsets({"one": 8, "two": 8}, seed=3)
+    part = subsample(sets, 0.25, seed=2)
+    beta = np.full(3, 1 / 3)
+    kw = dict(pad_id=0, beta0=beta, batch_tokens=32, part=part)
+    x32 = gradient_at(model, base, vectors, sets, **kw)
+    x16 = gradient_at(model, base, vectors, sets, backward_dtype="bfloat16", **kw)
+    assert x16.part_losses == x32.part_losses
+    for d in sets:
+        assert x16.domains[d].loss == x32.domains[d].loss
+        np.testing.assert_array_equal(x16.domains[d].G, x32.domains[d].G)
+        a16, a32 = x16.domains[d].a, x32.domains[d].a
+        assert not np.array_equal(a16, a32)  # the backward did run in bf16
+        np.testing.assert_allclose(a16, a32, rtol=0, atol=2e-2 * np.abs(a32).max())
+    assert any("bfloat16" in n for n in x16.notes) and not any("bfloat16" in n for n in x32.notes)
+    assert not any("forward" in vars(m) for m in model.modules())  # the patched forwards are gone
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), base[n], rtol=0, atol=0)
+    # a later fp32 gradient is the fp32 one again
+    again = gradient_at(model, base, vectors, sets, **kw)
+    for d in sets:
+        np.testing.assert_array_equal(again.domains[d].a, x32.domains[d].a)
+
+
+def test_backward_dtype_auto_follows_the_hardware_and_the_model_size(tiny, monkeypatch):
+    from mergelaws.theory.quantities import BF16_BACKWARD_MIN_PARAMS, resolve_backward_dtype
+    from mergelaws.theory.run import compute_variants, sample_settings
+
+    big = BF16_BACKWARD_MIN_PARAMS
+    assert resolve_backward_dtype("float32", n_params=big) == "float32"
+    assert resolve_backward_dtype("bfloat16", n_params=10) == "bfloat16"
+    assert sample_settings({"theory": {}})["backward_dtype"] == "auto"
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        assert resolve_backward_dtype("auto", "cpu", big) == ("bfloat16" if amx or avx else "float32")
+        assert resolve_backward_dtype("auto", "cpu", big - 1) == "float32"
+    # what compute_variants resolves is what it records
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    cfg, inp = _tiny_inputs(tiny)
+    for n_params, want in ((10, "float32"), (big, "bfloat16")):
+        inp.n_params = n_params
+        (r,) = compute_variants(cfg, inp, ["average"], ["sampled"], log=lambda *_: None,
+                                sample=sample_settings(cfg, eval_fraction=0.5, gradient_fraction=0.5))
+        assert r.sample["backward_dtype"] == want
+
+
+def test_gradient_at_reads_stacked_task_vectors_the_same(tiny):
+    from mergelaws.theory.quantities import stack_vectors, stacked
+
+    model, base, vectors, _ = tiny
+    sets = _evalsets({"one": 6, "two": 6}, seed=4)
+    beta = np.full(3, 1 / 3)
+    x = gradient_at(model, base, vectors, sets, pad_id=0, beta0=beta, batch_tokens=32)
+    copies = [dict(v) for v in vectors]
+    stack_vectors(copies)
+    assert all(stacked(copies, n) is not None for n in base)
+    y = gradient_at(model, base, copies, sets, pad_id=0, beta0=beta, batch_tokens=32)
+    for d in sets:
+        assert y.domains[d].loss == x.domains[d].loss
+        np.testing.assert_allclose(y.domains[d].a, x.domains[d].a, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(y.domains[d].G, x.domains[d].G, rtol=1e-6, atol=1e-9)

@@ -256,7 +256,7 @@ def cmd_predict(args) -> None:
     run_predict(_cfg(args), args.size, args.out, methods=args.method or None,
                 variants=args.variant or list(VARIANTS), losses=args.losses, sweep_logs=args.sweep_logs,
                 eval_fraction=args.eval_fraction, gradient_fraction=args.gradient_fraction,
-                sample_seed=args.sample_seed)
+                sample_seed=args.sample_seed, backward_dtype=args.backward_dtype)
 
 
 def _add_predict(sub) -> None:
@@ -275,6 +275,8 @@ def _add_predict(sub) -> None:
                    help="sampled: the fraction of each domain's eval examples for the gradient "
                         "(default: theory.gradient_fraction)")
     p.add_argument("--sample-seed", type=int, help="sampled: the samples' seed (default: theory.sample_seed)")
+    p.add_argument("--backward-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="sampled: the gradient's backward matmuls (default: theory.backward_dtype)")
     p.add_argument("--losses", help="measured losses table to score against (results/losses.parquet)")
     p.add_argument("--sweep-logs", help="sweep logs folder for the compute fraction (default: <results>/logs/sweep)")
     p.add_argument("--threads", type=int)

@@ -11,7 +11,9 @@
                  center's on a smaller ``theory.eval_fraction`` sample, used as control variates --
                  the sample's differences L_i - L_center (the same tokens, so low variance) added to
                  the center's loss on the full eval set (the gradient sample's loss plus one forward
-                 pass over the rest). With both fractions 1 it is ``weights`` exactly.
+                 pass over the rest). Its backward runs in ``theory.backward_dtype`` (auto: bf16
+                 where the hardware multiplies bf16 natively; the losses stay fp32). With both
+                 fractions 1 and a float32 backward it is ``weights`` exactly.
 
 Only linear merges (average, task_arithmetic) are predicted; other methods are listed as out of scope.
 """
@@ -30,11 +32,12 @@ import pandas as pd
 from mergelaws.errors import ConfigError, MethodError
 from mergelaws.theory import predict as P
 from mergelaws.theory.quantities import (DomainQuantities, Expansion, complement, gradient_at, gram_at, losses_at,
-                                         macro, stream_positions, subsample, sweep_positions, weight_gram)
+                                         macro, resolve_backward_dtype, stack_vectors, stream_positions, subsample,
+                                         sweep_positions, weight_gram)
 
 VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
 #: the sampled variant's settings when the config has none (the schema's defaults)
-SAMPLE_DEFAULTS = {"eval_fraction": 0.125, "gradient_fraction": 0.5, "sample_seed": 0}
+SAMPLE_DEFAULTS = {"eval_fraction": 0.125, "gradient_fraction": 0.5, "sample_seed": 0, "backward_dtype": "auto"}
 PRED_COLUMNS = ["size", "params", "method", "variant", "k", "subset", "members", "eval_domain", "in_domain", "loss",
                 "status"]
 
@@ -98,6 +101,7 @@ def load_inputs(cfg: dict, size: str, expert_dirs: dict[str, str] | None = None,
         st = models.float_state(em)
         vectors.append({n: (st[n].detach()[:cuts[n]] if n in cuts else st[n].detach()) - base[n] for n in base})
         del em, st
+    stack_vectors(vectors)
     with torch.no_grad():
         evalsets = {d: enc.examples for d, enc in sweep.load_eval_sets(cfg, tok, log).items()}
     return SizeInputs(size, model, tok.pad_token_id, base, vectors, experts, evalsets, models.count_params(model),
@@ -118,11 +122,12 @@ def linear_methods(cfg: dict, methods: list[str] | None) -> tuple[list[str], lis
 
 
 def sample_settings(cfg: dict, eval_fraction: float | None = None, gradient_fraction: float | None = None,
-                    seed: int | None = None) -> dict:
-    """The sampled variant's settings: the config's ``theory`` keys, each overridden when given."""
+                    seed: int | None = None, backward_dtype: str | None = None) -> dict:
+    """The sampled variant's settings: the config's ``theory`` keys, each overridden when given
+    (``backward_dtype`` as given: ``compute_variants`` resolves auto for the model)."""
     th = {**SAMPLE_DEFAULTS, **{k: v for k, v in (cfg.get("theory") or {}).items() if k in SAMPLE_DEFAULTS}}
     for key, value in (("eval_fraction", eval_fraction), ("gradient_fraction", gradient_fraction),
-                       ("sample_seed", seed)):
+                       ("sample_seed", seed), ("backward_dtype", backward_dtype)):
         if value is not None:
             th[key] = value
     for key in ("eval_fraction", "gradient_fraction"):
@@ -130,8 +135,12 @@ def sample_settings(cfg: dict, eval_fraction: float | None = None, gradient_frac
             raise ConfigError(f"theory.{key} must be in (0, 1], got {th[key]}")
     if int(th["sample_seed"]) < 0:
         raise ConfigError(f"theory.sample_seed (--sample-seed) must be a non-negative integer, got {th['sample_seed']}")
+    if th["backward_dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"theory.backward_dtype (--backward-dtype) must be auto, float32 or bfloat16, "
+                          f"got {th['backward_dtype']}")
     return {"eval_fraction": float(th["eval_fraction"]), "gradient_fraction": float(th["gradient_fraction"]),
-            "sample_seed": int(th["sample_seed"])}
+            "sample_seed": int(th["sample_seed"]),
+            "backward_dtype": th["backward_dtype"]}
 
 
 def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VARIANTS, log=print,
@@ -157,7 +166,8 @@ def compute_variants(cfg: dict, inp: SizeInputs, methods: list[str], variants=VA
         return cache[key]
 
     if "sampled" in variants:
-        sample = sample or sample_settings(cfg)
+        sample = dict(sample or sample_settings(cfg))
+        sample["backward_dtype"] = resolve_backward_dtype(sample["backward_dtype"], "cpu", inp.n_params)
         t = time.time()
         samples = {key: subsample(inp.evalsets, sample[key], sample["sample_seed"])
                    for key in ("eval_fraction", "gradient_fraction")}
@@ -226,9 +236,11 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
     # center's loss on it comes from the gradient's forward passes
     nested = sub_k is not inp.evalsets and all({id(e) for e in sub_k[d]} <= {id(e) for e in sub_g[d]}
                                                 for d in inp.evalsets)
-    x, s = get(("gradient", ck + tag("gradient_fraction") + (f", with{tag('eval_fraction')}" if nested else "")),
+    low = sample["backward_dtype"]
+    x, s = get(("gradient", ck + tag("gradient_fraction") + (f", with{tag('eval_fraction')}" if nested else "")
+                + ("" if low == "float32" else f", {low} backward")),
                lambda: gradient_at(inp.model, inp.base, inp.vectors, sub_g, beta0=beta_c, point="center",
-                                   part=sub_k if nested else None, **kw))
+                                   part=sub_k if nested else None, backward_dtype=low, **kw))
     res = VariantResult(method, "sampled", beta_c, {}, s + draw_seconds, fe(x))
     items = {"gradient_and_gram": round(s, 3), "draw": round(draw_seconds, 4)}
     level = np.array([x.domains[d].loss for d in inp.evalsets])
@@ -354,10 +366,12 @@ def sweep_seconds(log_dir: str | Path, size: str, method: str) -> float | None:
 def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None = None, variants=VARIANTS,
                 losses: str | Path | None = None, sweep_logs: str | Path | None = None,
                 expert_dirs: dict[str, str] | None = None, log=print, eval_fraction: float | None = None,
-                gradient_fraction: float | None = None, sample_seed: int | None = None) -> dict:
+                gradient_fraction: float | None = None, sample_seed: int | None = None,
+                backward_dtype: str | None = None) -> dict:
     """`mergelaws predict`: writes ``out`` (per-subset predictions, parquet), ``out``.json (summary)
     and, given a losses table, ``<out>_compare.csv`` (+ .parquet) and ``<out>_compare.png``.
-    ``eval_fraction``, ``gradient_fraction``, ``sample_seed`` override the config's theory keys (sampled)."""
+    ``eval_fraction``, ``gradient_fraction``, ``sample_seed``, ``backward_dtype`` override the config's
+    theory keys (sampled)."""
     from mergelaws import grid, io
     from mergelaws.sweep import write_table
     from mergelaws.theory import score as S
@@ -366,7 +380,7 @@ def run_predict(cfg: dict, size: str, out: str | Path, methods: list[str] | None
     if bad:
         raise ConfigError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     inside, outside = linear_methods(cfg, methods)
-    sample = sample_settings(cfg, eval_fraction, gradient_fraction, sample_seed)
+    sample = sample_settings(cfg, eval_fraction, gradient_fraction, sample_seed, backward_dtype)
     table = None
     if losses is not None:
         table = io.read_table(losses, "losses table", ["size", "method", "k", "subset", "eval_domain", "loss"],
