@@ -20,13 +20,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import domain_specs, noise_experts
 import torch
-
+from conftest import domain_specs, noise_experts
 from mergelaws.data import IGNORE, Example
 from mergelaws.theory import predict as P
-from mergelaws.theory.quantities import (DomainQuantities, finite_difference_logits, gradient_at, gram_at,
-                                         jvp_logits, losses_at, point_params)
+from mergelaws.theory.quantities import (
+    DomainQuantities,
+    finite_difference_logits,
+    gradient_at,
+    gram_at,
+    jvp_logits,
+    losses_at,
+    point_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -419,8 +425,7 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
         assert P.quadratic_loss(r.domains[d], np.zeros(M)) == pytest.approx(full_c[j], rel=1e-6)  # k = M
     # its cost: every pass, in positions (padding included) over those of one merge's evaluation in
     # the sweep (each domain batched apart); a backward counted as 2
-    from mergelaws.data import length_batches
-    from mergelaws.data import MAX_WASTE
+    from mergelaws.data import MAX_WASTE, length_batches
 
     def pos(examples, waste=MAX_WASTE):
         return sum(max(len(e) for e in b) * len(b) for b in length_batches(examples, 32, waste)) if examples else 0
@@ -516,7 +521,13 @@ def test_sample_settings_refuse_bad_values_in_one_line(kw, needle):
 
 
 def test_blocked_dot_and_weight_gram_match_float64():
-    from mergelaws.theory.quantities import blocked_dot, blocked_matmul, stack_vectors, stacked, weight_gram
+    from mergelaws.theory.quantities import (
+        blocked_dot,
+        blocked_matmul,
+        stack_vectors,
+        stacked,
+        weight_gram,
+    )
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(3 * 16384 + 77, generator=g), torch.randn(3 * 16384 + 77, generator=g) * 1e-3
@@ -526,7 +537,7 @@ def test_blocked_dot_and_weight_gram_match_float64():
     vecs = [{"a": torch.randn(40000, generator=g), "b": torch.randn(7, 9, generator=g)} for _ in range(3)]
     flat = torch.stack([torch.cat([v["a"], v["b"].reshape(-1)]) for v in vecs]).double()
     want = (flat @ flat.T).numpy()
-    tol = dict(rtol=1e-6, atol=1e-6 * float(flat.norm(dim=1).max() ** 2))
+    tol = {"rtol": 1e-6, "atol": 1e-6 * float(flat.norm(dim=1).max() ** 2)}
     np.testing.assert_allclose(weight_gram(vecs), want, **tol)
     # stacked in place (one (M, ...) tensor per name): the same vectors, the same Gram by one matmul per name
     before = [{n: t.clone() for n, t in v.items()} for v in vecs]
@@ -568,7 +579,7 @@ def test_bf16_backward_keeps_every_loss_and_rounds_only_the_gradient(tiny):
     sets = _evalsets({"one": 8, "two": 8}, seed=3)
     part = subsample(sets, 0.25, seed=2)
     beta = np.full(3, 1 / 3)
-    kw = dict(pad_id=0, beta0=beta, batch_tokens=32, part=part)
+    kw = {"pad_id": 0, "beta0": beta, "batch_tokens": 32, "part": part}
     x32 = gradient_at(model, base, vectors, sets, **kw)
     x16 = gradient_at(model, base, vectors, sets, backward_dtype="bfloat16", **kw)
     assert x16.part_losses == x32.part_losses
@@ -589,7 +600,10 @@ def test_bf16_backward_keeps_every_loss_and_rounds_only_the_gradient(tiny):
 
 
 def test_backward_dtype_auto_follows_the_hardware_and_the_model_size(tiny, monkeypatch):
-    from mergelaws.theory.quantities import BF16_BACKWARD_MIN_PARAMS, resolve_backward_dtype
+    from mergelaws.theory.quantities import (
+        BF16_BACKWARD_MIN_PARAMS,
+        resolve_backward_dtype,
+    )
     from mergelaws.theory.run import compute_variants, sample_settings
 
     big = BF16_BACKWARD_MIN_PARAMS

@@ -17,6 +17,7 @@ M experts cost M JVP passes (primal + tangent) over the eval tokens; sums accumu
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import zlib
@@ -214,6 +215,10 @@ class _Bf16BackwardLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _bf16_backward_forward(mod: torch.nn.Linear, hilo: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _Bf16BackwardLinear.apply(x, mod.weight, mod.bias, hilo)
+
+
 class bf16_backward:
     """Within the block, every ``nn.Linear`` of ``model`` runs its backward's matmuls in bfloat16
     (``_Bf16BackwardLinear``; the forward, hence every loss, is unchanged, and the gradient carries
@@ -231,8 +236,7 @@ class bf16_backward:
                 w = m.weight.detach()
                 hi = w.to(torch.bfloat16)
                 parts[key] = torch.cat([hi, (w - hi.to(w.dtype)).to(torch.bfloat16)])
-            m.forward = (lambda mod, hilo: lambda x: _Bf16BackwardLinear.apply(x, mod.weight, mod.bias, hilo)
-                         )(m, parts[key])
+            m.forward = functools.partial(_bf16_backward_forward, m, parts[key])
         return self
 
     def __exit__(self, *exc):

@@ -31,9 +31,21 @@ import pandas as pd
 
 from mergelaws.errors import ConfigError, MethodError
 from mergelaws.theory import predict as P
-from mergelaws.theory.quantities import (DomainQuantities, Expansion, complement, gradient_at, gram_at, losses_at,
-                                         macro, resolve_backward_dtype, stack_vectors, stream_positions, subsample,
-                                         sweep_positions, weight_gram)
+from mergelaws.theory.quantities import (
+    DomainQuantities,
+    Expansion,
+    complement,
+    gradient_at,
+    gram_at,
+    losses_at,
+    macro,
+    resolve_backward_dtype,
+    stack_vectors,
+    stream_positions,
+    subsample,
+    sweep_positions,
+    weight_gram,
+)
 
 VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
 #: the sampled variant's settings when the config has none (the schema's defaults)
