@@ -12,7 +12,8 @@
                  the sample's differences L_i - L_center (the same tokens, so low variance) added to
                  the center's loss on the full eval set (the gradient sample's loss plus one forward
                  pass over the rest). Its backward runs in ``theory.backward_dtype`` (auto: bf16
-                 where the hardware multiplies bf16 natively; the losses stay fp32). With both
+                 from 100M parameters where the hardware multiplies bf16 natively; the losses stay
+                 fp32). With both
                  fractions 1 and a float32 backward it is ``weights`` exactly.
 
 Only linear merges (average, task_arithmetic) are predicted; other methods are listed as out of scope.
