@@ -599,6 +599,55 @@ def test_bf16_backward_keeps_every_loss_and_rounds_only_the_gradient(tiny):
         np.testing.assert_array_equal(again.domains[d].a, x32.domains[d].a)
 
 
+def test_deferred_weight_gradients_match_the_per_batch_ones(tiny):
+    """The bf16 backward's weight gradients formed once per domain from the batches' rows (and the
+    embedding's as sparse rows) give the same g^T v_i as those formed per batch, to bf16 rounding; a
+    budget that flushes at every batch sums the same dL/dW; the embeddings are dense again after."""
+    from mergelaws.data import pad_batch
+    from mergelaws.theory.quantities import _token_nll, bf16_backward
+
+    model, base, vectors, _ = tiny
+    sets = _evalsets({"one": 8, "two": 8}, seed=5)
+    kw = {"pad_id": 0, "beta0": np.full(3, 1 / 3), "batch_tokens": 24, "backward_dtype": "bfloat16"}
+    per = gradient_at(model, base, vectors, sets, deferred=False, **kw)
+    once = gradient_at(model, base, vectors, sets, **kw)
+    x32 = gradient_at(model, base, vectors, sets, **{**kw, "backward_dtype": "float32"})
+    for d in sets:
+        assert once.domains[d].loss == per.domains[d].loss == x32.domains[d].loss
+        a32 = x32.domains[d].a
+        assert not np.array_equal(once.domains[d].a, per.domains[d].a)  # another summation
+        for x in (once, per):
+            np.testing.assert_allclose(x.domains[d].a, a32, rtol=0, atol=2e-2 * np.abs(a32).max())
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+    # dL/dW: flushed at every batch or once, against the fp32 backward's .grad
+    batches = [pad_batch(sets["one"][i:i + 2], 0) for i in range(0, 8, 2)]
+    live = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    for ids, att, lab in batches:
+        _token_nll(model, ids, att, lab, lab[:, 1:] != -100).sum().backward()
+    ref = {n: p.grad.clone() for n, p in live.items() if p.grad is not None}
+    sums = []
+    for budget in (1, 1 << 30):
+        model.zero_grad(set_to_none=True)
+        with bf16_backward(model, defer=True) as low:
+            low.deferred.budget = budget
+            for ids, att, lab in batches:
+                _token_nll(model, ids, att, lab, lab[:, 1:] != -100).sum().backward()
+            sums.append(low.deferred.take())
+            emb = model.get_input_embeddings().weight.grad
+            assert emb.is_sparse  # only the batches' token rows
+    model.zero_grad(set_to_none=True)
+    linear = {n for n, p in live.items() if any(m.weight is p for m in model.modules()
+                                                  if isinstance(m, torch.nn.Linear))}
+    assert set(sums[0]) == set(sums[1]) == linear
+    for n in linear:
+        tied = n == "model.embed_tokens.weight"  # the LM head's part only; the embedding's is sparse
+        want = ref[n] - emb.to_dense() if tied else ref[n]
+        for got in sums:
+            torch.testing.assert_close(got[n], want, rtol=0, atol=2e-2 * float(want.abs().max()))
+
+
 def test_backward_dtype_auto_follows_the_hardware_and_the_model_size(tiny, monkeypatch):
     from mergelaws.theory.quantities import (
         BF16_BACKWARD_MIN_PARAMS,

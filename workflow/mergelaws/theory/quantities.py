@@ -194,12 +194,15 @@ class _Bf16BackwardLinear(torch.autograd.Function):
     """y = x W^T + b in the input's dtype (the forward is unchanged); the backward's matmuls in
     bfloat16, with W as ``hilo`` = [hi; lo], W = hi + lo in two bf16 parts made once per point (W to
     about 2^-16, where bf16 alone would move a merge's point by up to half its weights' ulp):
-    dL/dx = [g, g] [hi; lo], one matmul with one rounding of its output."""
+    dL/dx = [g, g] [hi; lo], one matmul with one rounding of its output. ``tap`` (a
+    ``DeferredWeightGrads`` and the weight's name): dL/dW is not formed here but left to the tap,
+    which gets this batch's bf16 rows of g and x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, hilo):
+    def forward(ctx, x, weight, bias, hilo, tap):
         ctx.save_for_backward(x, hilo)
         ctx.has_bias = bias is not None
+        ctx.tap = tap
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -209,24 +212,73 @@ class _Bf16BackwardLinear(torch.autograd.Function):
         gx = (torch.cat([g16, g16], -1) @ hilo).to(grad.dtype) if ctx.needs_input_grad[0] else None
         gw = gb = None
         if ctx.needs_input_grad[1]:
-            gw = (g16.reshape(-1, g16.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).to(grad.dtype)
+            g2, x2 = g16.reshape(-1, g16.shape[-1]), x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            if ctx.tap is not None:
+                ctx.tap[0].add(ctx.tap[1], g2, x2)
+            else:
+                gw = (g2.T @ x2).to(grad.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
-def _bf16_backward_forward(mod: torch.nn.Linear, hilo: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _Bf16BackwardLinear.apply(x, mod.weight, mod.bias, hilo)
+class DeferredWeightGrads:
+    """The linear layers' dL/dW summed over many backward passes without a weight-sized tensor per
+    pass: each pass leaves its bf16 rows of g and x per weight, and ``take`` forms dL/dW = G^T X by one
+    matmul per weight over all of them (also whenever the rows held pass ``budget`` bytes, the result
+    summed in fp32). Per batch, forming and accumulating dL/dW costs a read and write of every weight;
+    the eval sets' short batches made that most of the backward's non-matmul time."""
+
+    def __init__(self, budget: int = 1 << 30):
+        self.budget, self.bytes = budget, 0
+        self.rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        self.rows.setdefault(name, []).append((g, x))
+        self.bytes += (g.numel() + x.numel()) * g.element_size()
+        if self.bytes > self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, parts in self.rows.items():
+            g = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            x = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+            dw = (g.T @ x).float()
+            if name in self.sums:
+                self.sums[name] += dw
+            else:
+                self.sums[name] = dw
+        self.rows, self.bytes = {}, 0
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """dL/dW per weight name since the last take (fp32), and a fresh start."""
+        self.flush()
+        out, self.sums = self.sums, {}
+        return out
+
+
+def _bf16_backward_forward(mod: torch.nn.Linear, hilo: torch.Tensor, tap, x: torch.Tensor) -> torch.Tensor:
+    return _Bf16BackwardLinear.apply(x, mod.weight, mod.bias, hilo, tap)
 
 
 class bf16_backward:
     """Within the block, every ``nn.Linear`` of ``model`` runs its backward's matmuls in bfloat16
     (``_Bf16BackwardLinear``; the forward, hence every loss, is unchanged, and the gradient carries
     the rounding of bf16 activations and output gradients). The weights' bf16 parts are made on
-    entry: set the point first. Restored on exit."""
+    entry: set the point first. Restored on exit.
 
-    def __init__(self, model, enabled: bool = True):
+    ``defer``: the linear weights' gradients go to ``self.deferred`` (a ``DeferredWeightGrads``,
+    keyed by the parameter's name in ``model.named_parameters()``) instead of their ``.grad``, and
+    every ``nn.Embedding`` gives a sparse gradient (the rows of the batch's tokens, not a dense
+    vocabulary-sized tensor per batch)."""
+
+    def __init__(self, model, enabled: bool = True, defer: bool = False):
         self.mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if enabled else []
+        self.embeddings = ([m for m in model.modules() if isinstance(m, torch.nn.Embedding) and not m.sparse]
+                           if enabled and defer else [])
+        self.deferred = DeferredWeightGrads() if enabled and defer else None
+        self.names = {id(p): n for n, p in model.named_parameters()} if enabled and defer else {}
 
     def __enter__(self):
         parts = {}  # tied weights (a tied LM head) share one split
@@ -236,12 +288,17 @@ class bf16_backward:
                 w = m.weight.detach()
                 hi = w.to(torch.bfloat16)
                 parts[key] = torch.cat([hi, (w - hi.to(w.dtype)).to(torch.bfloat16)])
-            m.forward = functools.partial(_bf16_backward_forward, m, parts[key])
+            tap = (self.deferred, self.names[id(m.weight)]) if self.deferred is not None else None
+            m.forward = functools.partial(_bf16_backward_forward, m, parts[key], tap)
+        for m in self.embeddings:
+            m.sparse = True
         return self
 
     def __exit__(self, *exc):
         for m in self.mods:
             del m.forward
+        for m in self.embeddings:
+            m.sparse = False
         return False
 
 
@@ -451,15 +508,34 @@ def weight_gram(vectors: list[dict[str, torch.Tensor]], names=None) -> np.ndarra
     return np.triu(gram) + np.triu(gram, 1).T
 
 
+def _dot_vectors(vectors: list[dict[str, torch.Tensor]], name: str, g: torch.Tensor) -> np.ndarray:
+    """(v_i[name]^T g) for every task vector, float64 sums of fp32 blocks; ``g`` dense, or sparse by
+    rows (an embedding's: only its rows enter)."""
+    st = stacked(vectors, name)
+    if g.is_sparse:
+        g = g.coalesce()
+        rows, vals = g.indices()[0], g.values()
+        if st is not None:
+            st = st.view(len(vectors), *vectors[0][name].shape)[:, rows]
+            return blocked_matmul(st.reshape(len(vectors), -1), vals.reshape(1, -1))[:, 0]
+        return np.array([blocked_dot(v[name][rows], vals) for v in vectors])
+    if st is not None:
+        return blocked_matmul(st, g.view(1, -1))[:, 0]
+    return np.array([blocked_dot(v[name], g) for v in vectors])
+
+
 def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
                 evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
                 point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu",
-                part: dict[str, list[Example]] | None = None, backward_dtype: str = "float32") -> Expansion:
+                part: dict[str, list[Example]] | None = None, backward_dtype: str = "float32",
+                deferred: bool = True) -> Expansion:
     """Loss and a = (g^T v_i) by one backward pass per domain, with G the weight-space Gram
     (v_i^T v_j: H replaced by the identity) -- the cheap surrogate that a calibration rescales.
     ``part``: some of ``evalsets``' examples (by identity), whose loss per domain the same forward
     passes also give (``part_losses``; NaN for a domain with none). ``backward_dtype`` bfloat16: the
-    linear layers' backward in bf16 (``bf16_backward``): the losses are the same, a carries bf16 rounding."""
+    linear layers' backward in bf16 (``bf16_backward``): the losses are the same, a carries bf16 rounding;
+    with ``deferred`` their weights' gradients are formed once per domain (``DeferredWeightGrads``), not
+    per batch."""
     M = len(vectors)
     beta0 = np.zeros(M) if beta0 is None else np.asarray(beta0, dtype=float)
     t0 = time.time()
@@ -476,7 +552,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
     was_training = model.training
     model.eval()
     out, fwd, parts = {}, 0, {}
-    with bf16_backward(model, enabled=backward_dtype == "bfloat16") as low:
+    with bf16_backward(model, enabled=backward_dtype == "bfloat16", defer=deferred) as low:
         for d, examples in evalsets.items():
             nll, n_tok, p_nll, p_tok = 0.0, 0, 0.0, 0
             inside = {id(e) for e in (part or {}).get(d, [])}
@@ -499,12 +575,12 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
                 parts[d] = p_nll / p_tok if p_tok else float("nan")
             n = max(n_tok, 1)
             a = np.zeros(M)
-            for m in names:
-                if M and live[m].grad is not None:
-                    g = live[m].grad.detach().cpu()
-                    st = stacked(vectors, m)
-                    a += (blocked_matmul(st, g.view(1, -1))[:, 0] if st is not None
-                          else np.array([blocked_dot(v[m], g) for v in vectors]))
+            grads = [(m, live[m].grad) for m in names if live[m].grad is not None]
+            if low.deferred is not None:
+                grads += [(m, g) for m, g in low.deferred.take().items() if m in base]
+            for m, g in grads:
+                if M:
+                    a += _dot_vectors(vectors, m, g.detach().cpu())
             a /= n
             out[d] = DomainQuantities(d, n_tok, nll / n if n_tok else float("nan"), a, gram.copy())
     model.zero_grad(set_to_none=True)
