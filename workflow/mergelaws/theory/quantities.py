@@ -348,6 +348,19 @@ def point_params(base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Te
     return out
 
 
+@torch.no_grad()
+def set_point(live: dict[str, torch.Tensor], base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
+              beta0) -> None:
+    """Writes ``point_params(base, vectors, beta0)`` into the model's parameters ``live`` (the same
+    float ops, so the same bits), tensor by tensor in place: no second copy of the model."""
+    for n, b in base.items():
+        t = live[n]
+        t.copy_(b)
+        for w, v in zip(beta0, vectors):
+            if w:
+                t.add_(v[n].to(t.device), alpha=float(w))
+
+
 def gram_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]],
             evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
             point: str = "theta0", batch_tokens: int = 8192, device: str | torch.device = "cpu") -> Expansion:
@@ -476,8 +489,7 @@ def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torc
     saved = {n: live[n].detach().clone() for n in base}
     stream = [tuple(t.to(device) for t in b) for b in _stream(evalsets, batch_tokens, pad_id)]
     for i, beta in enumerate(betas):
-        for n, t in point_params(base, vectors, beta).items():
-            live[n].copy_(t)
+        set_point(live, base, vectors, beta)
         nll = torch.zeros(D, dtype=torch.float64, device=device)
         tok = torch.zeros(D, dtype=torch.float64, device=device)
         for ids, att, lab, mask, rows in stream:
@@ -546,9 +558,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
     gram = weight_gram(vectors, names)
     live = dict(model.named_parameters())
     saved = {n: live[n].detach().clone() for n in names}
-    with torch.no_grad():
-        for n, t in point_params(base, vectors, beta0).items():
-            live[n].copy_(t)
+    set_point(live, base, vectors, beta0)
     was_training = model.training
     model.eval()
     out, fwd, parts = {}, 0, {}
