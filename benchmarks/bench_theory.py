@@ -14,7 +14,8 @@ sampled variant at the config's ``theory`` settings for one seed, the merges aga
 The sweep's time is estimated as the mean seconds per baseline merge times the design's merges
 (``grid.subsets``); the merge engine's own time (running sums, small) is left out, so the share is
 an upper bound. The share in forward passes (fe) is the variant's own count over the design's
-merges. ``--per-batch-gradient``: the sampled variant's gradient (its gradient sample, bf16 backward
+merges; each seed's share is also given against the baseline merges run just before and just after
+it, which follow a drifting machine more closely. ``--per-batch-gradient``: the sampled variant's gradient (its gradient sample, bf16 backward
 where auto picks it) with the linear weights' gradients formed per batch and once per domain
 (``gradient_at(deferred=...)``), each twice, alternating.
 
@@ -103,14 +104,16 @@ def main() -> int:
           f"{args.threads} thread(s)\n")
     print(f"Baseline: {len(merge_s)} merges evaluated as the sweep does, {per_merge:.1f} s each "
           f"(min {min(merge_s):.1f}, max {max(merge_s):.1f}), so the sweep ~ {sweep_s:.0f} s.\n")
-    print("| seed | seconds | share of the sweep's time | fe | share in forward passes | gradient s | center rest s "
-          "| single-expert s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for seed, r in runs:
+    print("| seed | seconds | share of the sweep's time | share against its adjacent merges | fe | share in forward "
+          "passes | gradient s | center rest s | single-expert s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    R_ = args.merges
+    for j, (seed, r) in enumerate(runs):
         it = r.sample["seconds_by_item"]
-        print(f"| {seed} | {r.seconds:.1f} | {r.seconds / sweep_s:.2%} | {r.forward_equivalents:.2f} | "
-              f"{r.forward_equivalents / len(design):.2%} | {it['gradient_and_gram']:.1f} | "
-              f"{it.get('center_loss_rest', 0):.1f} | {it['single_expert_losses']:.1f} |")
+        near = float(np.mean(merge_s[j * R_:(j + 2) * R_])) * len(design)  # the merges just before and after
+        print(f"| {seed} | {r.seconds:.1f} | {r.seconds / sweep_s:.2%} | {r.seconds / near:.2%} | "
+              f"{r.forward_equivalents:.2f} | {r.forward_equivalents / len(design):.2%} | "
+              f"{it['gradient_and_gram']:.1f} | {it.get('center_loss_rest', 0):.1f} | {it['single_expert_losses']:.1f} |")
     print(f"\nPeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB.")
 
     if args.per_batch_gradient:

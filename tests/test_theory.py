@@ -648,6 +648,22 @@ def test_deferred_weight_gradients_match_the_per_batch_ones(tiny):
             torch.testing.assert_close(got[n], want, rtol=0, atol=2e-2 * float(want.abs().max()))
 
 
+def test_set_point_writes_point_params_bits_in_place(tiny):
+    from mergelaws.theory.quantities import set_point
+
+    model, base, vectors, _ = tiny
+    live = dict(model.named_parameters())
+    ptrs = {n: p.data_ptr() for n, p in live.items()}
+    for beta in (np.eye(3)[1], np.array([0.2, -0.7, 1 / 3])):
+        set_point(live, base, vectors, beta)
+        want = point_params(base, vectors, beta)
+        for n in base:
+            assert torch.equal(live[n].detach(), want[n]) and live[n].data_ptr() == ptrs[n]
+    set_point(live, base, vectors, np.zeros(3))
+    for n in base:
+        assert torch.equal(live[n].detach(), base[n])
+
+
 def test_backward_dtype_auto_follows_the_hardware_and_the_model_size(tiny, monkeypatch):
     from mergelaws.theory.quantities import (
         BF16_BACKWARD_MIN_PARAMS,
