@@ -40,18 +40,16 @@ def baseline_merges(cfg: dict, inp, subsets, log) -> list[float]:
     """Seconds of each of ``subsets``' merges evaluated as the sweep does (fp32 weights)."""
     from mergelaws.evaluate import evaluate_examples
     from mergelaws.theory import predict as P
-    from mergelaws.theory.quantities import point_params
+    from mergelaws.theory.quantities import set_point
 
     live = dict(inp.model.named_parameters())
     saved = {n: live[n].detach().clone() for n in inp.base}
-    params = cfg["methods"]["average"] if "average" in cfg["methods"] else {}
+    params = cfg["methods"].get("average", {})
     out = []
     for s in subsets:
         t = time.perf_counter()
         beta = P.subset_beta(s.members, inp.experts, P.coefficient("average", params, s.k) if s.k else 0.0)
-        with torch.no_grad():
-            for n, w in point_params(inp.base, inp.vectors, beta).items():
-                live[n].copy_(w)
+        set_point(live, inp.base, inp.vectors, beta)
         for examples in inp.evalsets.values():
             evaluate_examples(inp.model, examples, pad_id=inp.pad_id, batch_tokens=cfg["eval"]["batch_tokens"])
         out.append(time.perf_counter() - t)
@@ -63,6 +61,16 @@ def baseline_merges(cfg: dict, inp, subsets, log) -> list[float]:
 
 
 def main() -> int:
+    from mergelaws.errors import MergelawsError, one_line
+
+    try:
+        return run()
+    except MergelawsError as exc:  # bad input: one line, exit 2
+        print(f"bench_theory: error: {one_line(exc, 2000)}", file=sys.stderr)
+        return 2
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="config/smollm2-theory.yaml")
     ap.add_argument("--size", required=True)
@@ -71,12 +79,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-batch-gradient", action="store_true")
     args = ap.parse_args()
+    if args.merges < 1 or args.threads < 1 or min(args.seeds) < 0:
+        ap.error("--merges and --threads must be at least 1 and --seeds non-negative")
     torch.set_num_threads(args.threads)
     from mergelaws import config as C
     from mergelaws import grid
     from mergelaws.theory import predict as P
     from mergelaws.theory import run as R
-    from mergelaws.theory.quantities import gradient_at, resolve_backward_dtype, subsample
+    from mergelaws.theory.quantities import (
+        gradient_at,
+        resolve_backward_dtype,
+        subsample,
+    )
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -107,10 +121,9 @@ def main() -> int:
     print("| seed | seconds | share of the sweep's time | share against its adjacent merges | fe | share in forward "
           "passes | gradient s | center rest s | single-expert s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    R_ = args.merges
     for j, (seed, r) in enumerate(runs):
         it = r.sample["seconds_by_item"]
-        near = float(np.mean(merge_s[j * R_:(j + 2) * R_])) * len(design)  # the merges just before and after
+        near = float(np.mean(merge_s[j * args.merges:(j + 2) * args.merges])) * len(design)  # the merges just before and after
         print(f"| {seed} | {r.seconds:.1f} | {r.seconds / sweep_s:.2%} | {r.seconds / near:.2%} | "
               f"{r.forward_equivalents:.2f} | {r.forward_equivalents / len(design):.2%} | "
               f"{it['gradient_and_gram']:.1f} | {it.get('center_loss_rest', 0):.1f} | {it['single_expert_losses']:.1f} |")
