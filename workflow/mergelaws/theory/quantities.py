@@ -128,6 +128,8 @@ class Expansion:
     forward_tokens: int = 0  # padded positions through the model (targets, prompts and padding), times passes
     notes: list[str] = field(default_factory=list)
     part_losses: dict[str, float] = field(default_factory=dict)  # gradient_at(part=...): the part's loss per domain
+    # gradient_at(part=...): the part's NLL sums and target counts per response stratum, per domain
+    part_strata: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def macro(self) -> DomainQuantities:
         """The all-domain mean (``macro``)."""
@@ -209,7 +211,10 @@ class _Bf16BackwardLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, hilo = ctx.saved_tensors
         g16 = grad.to(torch.bfloat16)
-        gx = (torch.cat([g16, g16], -1) @ hilo).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            gx = ((g16 if hilo.shape[0] == g16.shape[-1] else torch.cat([g16, g16], -1)) @ hilo).to(grad.dtype)
+        else:
+            gx = None
         gw = gb = None
         if ctx.needs_input_grad[1]:
             g2, x2 = g16.reshape(-1, g16.shape[-1]), x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -273,7 +278,8 @@ class bf16_backward:
     every ``nn.Embedding`` gives a sparse gradient (the rows of the batch's tokens, not a dense
     vocabulary-sized tensor per batch)."""
 
-    def __init__(self, model, enabled: bool = True, defer: bool = False):
+    def __init__(self, model, enabled: bool = True, defer: bool = False, split: bool = True):
+        self.split = split
         self.mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if enabled else []
         self.embeddings = ([m for m in model.modules() if isinstance(m, torch.nn.Embedding) and not m.sparse]
                            if enabled and defer else [])
@@ -287,7 +293,7 @@ class bf16_backward:
             if key not in parts:
                 w = m.weight.detach()
                 hi = w.to(torch.bfloat16)
-                parts[key] = torch.cat([hi, (w - hi.to(w.dtype)).to(torch.bfloat16)])
+                parts[key] = torch.cat([hi, (w - hi.to(w.dtype)).to(torch.bfloat16)]) if self.split else hi
             tap = (self.deferred, self.names[id(m.weight)]) if self.deferred is not None else None
             m.forward = functools.partial(_bf16_backward_forward, m, parts[key], tap)
         for m in self.embeddings:
@@ -440,9 +446,52 @@ def batch_terms(f, params: dict[str, torch.Tensor], tangents: list[dict[str, tor
     return out
 
 
+#: response strata of the sampled variant's single-expert estimate: each example's first
+#: ``RESPONSE_STRATA`` target tokens (one stratum per position), its last target, the rest. On SmolLM2
+#: an expert's loss differs from the merge's most at the response's first tokens (an off-domain
+#: expert +2.0 nats at the first, +0.2 a token in the body): a sample of short examples holds more
+#: of them, and post-stratifying by position weighs them as the full eval set does
+RESPONSE_STRATA = 3
+
+
+def token_strata(mask: torch.Tensor, first: int = RESPONSE_STRATA) -> torch.Tensor:
+    """The stratum of each target of ``mask`` (batch x positions, targets True), in ``[mask]``'s
+    order: its position among its row's targets if below ``first``, else ``first`` for the row's
+    last target and ``first + 1`` for the rest."""
+    pos = mask.long().cumsum(1) - 1
+    last = mask.long().sum(1, keepdim=True) - 1
+    return torch.where(pos < first, pos, torch.where(pos == last, first, first + 1))[mask]
+
+
+def stratum_counts(examples: list[Example], first: int = RESPONSE_STRATA) -> np.ndarray:
+    """Target tokens per ``token_strata`` stratum over ``examples`` (from their lengths, no pass)."""
+    out = np.zeros(first + 2)
+    for e in examples:
+        n = e.n_targets
+        out[:min(n, first)] += 1
+        if n > first:
+            out[first] += 1
+            out[first + 1] += n - first - 1
+    return out
+
+
+def poststratified_difference(point_sums: np.ndarray, center_sums: np.ndarray, counts: np.ndarray,
+                              full_counts: np.ndarray) -> np.ndarray:
+    """Per point and domain, the sample's mean NLL difference point - center with each stratum
+    weighed by its share of the full set's targets (``full_counts``, domains x strata) rather than
+    the sample's: ``point_sums`` (points x domains x strata) and ``center_sums`` (domains x strata)
+    are NLL sums over the same sampled targets, ``counts`` (domains x strata) their numbers. A
+    stratum the sample lacks takes the sample's all-strata difference."""
+    diff = point_sums - center_sums[None]
+    overall = diff.sum(-1) / np.maximum(counts.sum(-1), 1)[None]
+    per = np.where(counts[None] > 0, diff / np.maximum(counts, 1)[None], overall[..., None])
+    w = full_counts / np.maximum(full_counts.sum(-1, keepdims=True), 1)
+    return (per * w[None]).sum(-1)
+
+
 def _stream(evalsets: dict[str, list[Example]], batch_tokens: int, pad_id: int):
     """Every domain's examples in one length-bucketed stream: per padded batch (ids, att, lab, mask
-    of the target positions, the domain index of each target)."""
+    of the target positions, the domain index of each target, the ``token_strata`` of each target)."""
     names = list(evalsets)
     copies = [(j, Example(e.input_ids, e.labels)) for j, d in enumerate(names) for e in evalsets[d]]
     owner = {id(e): j for j, e in copies}
@@ -453,7 +502,7 @@ def _stream(evalsets: dict[str, list[Example]], batch_tokens: int, pad_id: int):
         if not mask.any():
             continue
         rows = torch.tensor([owner[id(e)] for e in batch])[:, None].expand_as(mask)[mask]
-        out.append((ids, att, lab, mask, rows))
+        out.append((ids, att, lab, mask, rows, token_strata(mask)))
     return out
 
 
@@ -472,7 +521,6 @@ def _token_nll(model, ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor, m
                       for i in range(0, h.shape[0], LOGIT_CHUNK_ROWS)])
 
 
-@torch.no_grad()
 def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]], betas,
               evalsets: dict[str, list[Example]], *, pad_id: int, batch_tokens: int = 8192,
               device: str | torch.device = "cpu") -> np.ndarray:
@@ -480,28 +528,39 @@ def losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torc
     beta of ``betas``: token-weighted NLL per target token, every domain's examples in one
     length-bucketed stream (one forward per batch of all domains; sums per domain in float64). The
     model's own weights are restored afterwards."""
+    nll, tok = stratified_losses_at(model, base, vectors, betas, evalsets, pad_id=pad_id,
+                                    batch_tokens=batch_tokens, device=device)
+    n = tok.sum(-1)
+    return np.where(n > 0, nll.sum(-1) / np.maximum(n, 1), np.nan)
+
+
+@torch.no_grad()
+def stratified_losses_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, torch.Tensor]], betas,
+                         evalsets: dict[str, list[Example]], *, pad_id: int, batch_tokens: int = 8192,
+                         device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``losses_at``'s passes, kept by response stratum (``token_strata``): the NLL sums (points x
+    domains x strata, float64) and the target counts (domains x strata)."""
     betas = [np.asarray(b, dtype=float) for b in betas]
-    D = len(evalsets)
-    out = np.zeros((len(betas), D))
+    D, H = len(evalsets), RESPONSE_STRATA + 2
+    out = np.zeros((len(betas), D, H))
+    tok = torch.zeros(D * H, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     live = dict(model.named_parameters())
     saved = {n: live[n].detach().clone() for n in base}
     stream = [tuple(t.to(device) for t in b) for b in _stream(evalsets, batch_tokens, pad_id)]
+    for ids, att, lab, mask, rows, strata in stream:
+        tok.index_add_(0, rows * H + strata, torch.ones(len(rows), dtype=torch.float64, device=device))
     for i, beta in enumerate(betas):
         set_point(live, base, vectors, beta)
-        nll = torch.zeros(D, dtype=torch.float64, device=device)
-        tok = torch.zeros(D, dtype=torch.float64, device=device)
-        for ids, att, lab, mask, rows in stream:
-            per = _token_nll(model, ids, att, lab, mask).double()
-            nll.index_add_(0, rows, per)
-            tok.index_add_(0, rows, torch.ones_like(per))
-        nll, tok = nll.cpu().numpy(), tok.cpu().numpy()
-        out[i] = np.where(tok > 0, nll / np.maximum(tok, 1), np.nan)
+        nll = torch.zeros(D * H, dtype=torch.float64, device=device)
+        for ids, att, lab, mask, rows, strata in stream:
+            nll.index_add_(0, rows * H + strata, _token_nll(model, ids, att, lab, mask).double())
+        out[i] = nll.cpu().numpy().reshape(D, H)
     for n, t in saved.items():
         live[n].copy_(t)
     model.train(was_training)
-    return out
+    return out, tok.cpu().numpy().reshape(D, H)
 
 
 def weight_gram(vectors: list[dict[str, torch.Tensor]], names=None) -> np.ndarray:
@@ -540,7 +599,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
                 evalsets: dict[str, list[Example]], *, pad_id: int, beta0=None, experts: list[str] | None = None,
                 point: str = "center", batch_tokens: int = 8192, device: str | torch.device = "cpu",
                 part: dict[str, list[Example]] | None = None, backward_dtype: str = "float32",
-                deferred: bool = True) -> Expansion:
+                deferred: bool = True, split: bool = True) -> Expansion:
     """Loss and a = (g^T v_i) by one backward pass per domain, with G the weight-space Gram
     (v_i^T v_j: H replaced by the identity) -- the cheap surrogate that a calibration rescales.
     ``part``: some of ``evalsets``' examples (by identity), whose loss per domain the same forward
@@ -561,10 +620,11 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
     set_point(live, base, vectors, beta0)
     was_training = model.training
     model.eval()
-    out, fwd, parts = {}, 0, {}
-    with bf16_backward(model, enabled=backward_dtype == "bfloat16", defer=deferred) as low:
+    out, fwd, parts, part_strata = {}, 0, {}, {}
+    with bf16_backward(model, enabled=backward_dtype == "bfloat16", defer=deferred, split=split) as low:
         for d, examples in evalsets.items():
-            nll, n_tok, p_nll, p_tok = 0.0, 0, 0.0, 0
+            nll, n_tok = 0.0, 0
+            p_nll, p_tok = np.zeros(RESPONSE_STRATA + 2), np.zeros(RESPONSE_STRATA + 2)
             inside = {id(e) for e in (part or {}).get(d, [])}
             model.zero_grad(set_to_none=True)
             for batch in eval_batches(examples, batch_tokens):
@@ -580,9 +640,12 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
                 if inside:
                     row = torch.arange(len(batch), device=mask.device)[:, None].expand_as(mask)[mask]
                     sel = torch.tensor([id(e) in inside for e in batch], device=mask.device)[row]
-                    p_nll, p_tok = p_nll + float(tok.detach()[sel].double().sum()), p_tok + int(sel.sum())
+                    st = token_strata(mask)[sel].cpu()
+                    p_nll += torch.bincount(st, tok.detach()[sel].double().cpu(), len(p_nll)).numpy()
+                    p_tok += torch.bincount(st, minlength=len(p_tok)).numpy()
             if part is not None:
-                parts[d] = p_nll / p_tok if p_tok else float("nan")
+                parts[d] = float(p_nll.sum() / p_tok.sum()) if p_tok.sum() else float("nan")
+                part_strata[d] = (p_nll, p_tok)
             n = max(n_tok, 1)
             a = np.zeros(M)
             grads = [(m, live[m].grad) for m in names if live[m].grad is not None]
@@ -603,7 +666,7 @@ def gradient_at(model, base: dict[str, torch.Tensor], vectors: list[dict[str, to
         notes.append("the linear layers' backward in bfloat16 (the forward and the losses in fp32)")
     return Expansion(point, list(experts or [f"e{i}" for i in range(M)]), beta0, out, seconds=time.time() - t0,
                      forward_tokens=fwd, notes=notes,
-                     part_losses=parts)
+                     part_losses=parts, part_strata=part_strata)
 
 
 @torch.no_grad()

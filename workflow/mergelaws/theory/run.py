@@ -40,8 +40,11 @@ from mergelaws.theory.quantities import (
     gram_at,
     losses_at,
     macro,
+    poststratified_difference,
     resolve_backward_dtype,
     stack_vectors,
+    stratified_losses_at,
+    stratum_counts,
     stream_positions,
     subsample,
     sweep_positions,
@@ -269,24 +272,26 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
         items["center_loss_rest"] = round(s2, 3)
     if sub_k is inp.evalsets:
         k1, s1 = k1_losses(coef1, inp.evalsets)
-        center_k = level
-    else:  # the M single-expert merges and the center on the same sample: control variates
+        res.seconds += s1
+        res.forward_equivalents += M * n_pos(sub_k) / tokens
+    else:  # the M single-expert merges and the center on the same sample: control variates, by stratum
         points = [*(coef1 * np.eye(M))] + ([] if nested else [beta_c])
-        both, s1 = get(("k=1" + ("" if nested else " and center") + " losses",
-                        f"coef {coef1:g}" + ("" if nested else f", {ck}") + tag("eval_fraction")),
-                       lambda: losses_at(inp.model, inp.base, inp.vectors, points, sub_k, pad_id=inp.pad_id,
-                                         batch_tokens=kw["batch_tokens"]))
-        k1 = both[:M]
-        center_k = np.array([x.part_losses[d] for d in inp.evalsets]) if nested else both[M]
-    res.seconds += s1
-    res.forward_equivalents += (M if sub_k is inp.evalsets else len(points)) * n_pos(sub_k) / tokens
+        (sums, counts), s1 = get(("k=1" + ("" if nested else " and center") + " losses by response stratum",
+                                  f"coef {coef1:g}" + ("" if nested else f", {ck}") + tag("eval_fraction")),
+                                 lambda: stratified_losses_at(inp.model, inp.base, inp.vectors, points, sub_k,
+                                                              pad_id=inp.pad_id, batch_tokens=kw["batch_tokens"]))
+        center = np.array([x.part_strata[d][0] for d in inp.evalsets]) if nested else sums[M]
+        full = np.array([stratum_counts(inp.evalsets[d]) for d in inp.evalsets])
+        # each single's loss: the full set's center loss plus the sample's difference to the center
+        k1 = level[None] + poststratified_difference(sums[:M], center, counts, full)
+        res.seconds += s1
+        res.forward_equivalents += len(points) * n_pos(sub_k) / tokens
     items["single_expert_losses"] = round(s1, 3)
     for j, d in enumerate(inp.evalsets):
         q = x.domains[d]
         if sub_g is not inp.evalsets:
             q = DomainQuantities(d, q.tokens, float(level[j]), q.a, q.G)
-        est = k1[:, j] if sub_k is inp.evalsets else k1[:, j] + (level[j] - center_k[j])
-        res.domains[d], sc = P.calibrate(q, beta_c, coef1, est)
+        res.domains[d], sc = P.calibrate(q, beta_c, coef1, k1[:, j])
         res.scales[d] = sc.round(4).tolist()
     res.sample = {**sample,
                   "examples": {d: len(sub_k[d]) for d in inp.evalsets},
