@@ -402,10 +402,14 @@ def _poststratified_singles(model, base, vectors, beta_c, sample, full) -> np.nd
 
 
 def test_response_strata_and_the_poststratified_difference():
-    from mergelaws.theory.quantities import poststratified_difference, stratum_counts, token_strata
+    from mergelaws.theory.quantities import (
+        poststratified_difference,
+        stratum_counts,
+        token_strata,
+    )
 
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    # rows: 5 targets (0, 1, 2, last, body... here 0 1 2 body last), 2 targets (0, 1), 4 (0 1 2 last)
+    # rows of 5 targets (positions 0 1 2, a body token, the last), 2 (0 1) and 4 (0 1 2, the last)
     assert token_strata(mask, 3).tolist() == [0, 1, 2, 4, 3, 0, 1, 0, 1, 2, 3]
     ex = [Example([0] * 7, [IGNORE] * (7 - n) + [1] * n) for n in (5, 2, 4)]  # as the mask's rows
     assert stratum_counts(ex, 3).tolist() == [3, 3, 2, 2, 1]
@@ -652,6 +656,11 @@ def test_bf16_backward_keeps_every_loss_and_rounds_only_the_gradient(tiny):
         assert not np.array_equal(a16, a32)  # the backward did run in bf16
         np.testing.assert_allclose(a16, a32, rtol=0, atol=2e-2 * np.abs(a32).max())
     assert any("bfloat16" in n for n in x16.notes) and not any("bfloat16" in n for n in x32.notes)
+    # split=False: the backward's weights as their bf16 part alone (not the default): another rounding
+    hi = gradient_at(model, base, vectors, sets, backward_dtype="bfloat16", split=False, **kw)
+    for d in sets:
+        assert hi.domains[d].loss == x32.domains[d].loss and not np.array_equal(hi.domains[d].a, x16.domains[d].a)
+        np.testing.assert_allclose(hi.domains[d].a, x32.domains[d].a, rtol=0, atol=2e-2 * np.abs(x32.domains[d].a).max())
     assert not any("forward" in vars(m) for m in model.modules())  # the patched forwards are gone
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), base[n], rtol=0, atol=0)

@@ -276,7 +276,12 @@ class bf16_backward:
     ``defer``: the linear weights' gradients go to ``self.deferred`` (a ``DeferredWeightGrads``,
     keyed by the parameter's name in ``model.named_parameters()``) instead of their ``.grad``, and
     every ``nn.Embedding`` gives a sparse gradient (the rows of the batch's tokens, not a dense
-    vocabulary-sized tensor per batch)."""
+    vocabulary-sized tensor per batch).
+
+    ``split`` False: the backward's weights are their bf16 part alone, one matmul instead of two.
+    On SmolLM2 that made the gradient ~20% faster and moved g^T v_i by up to 0.6% of a domain's
+    largest (2e-5 with the split), and the 66-merge design's Spearman (k >= 2) by -0.001 to
+    -0.005: not the default."""
 
     def __init__(self, model, enabled: bool = True, defer: bool = False, split: bool = True):
         self.split = split

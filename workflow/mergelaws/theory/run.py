@@ -9,9 +9,11 @@
 * ``sampled``    ``weights`` on seeded, per-domain stratified samples of the eval examples: the
                  gradient on a ``theory.gradient_fraction`` sample, the M single-expert losses and the
                  center's on a smaller ``theory.eval_fraction`` sample, used as control variates --
-                 the sample's differences L_i - L_center (the same tokens, so low variance) added to
-                 the center's loss on the full eval set (the gradient sample's loss plus one forward
-                 pass over the rest). Its backward runs in ``theory.backward_dtype`` (auto: bf16
+                 the sample's differences L_i - L_center (the same tokens, so low variance),
+                 post-stratified by response position (``RESPONSE_STRATA``: each example's first
+                 target tokens, its last, the rest, weighed by their shares of the full eval set),
+                 added to the center's loss on the full eval set (the gradient sample's loss plus
+                 one forward pass over the rest). Its backward runs in ``theory.backward_dtype`` (auto: bf16
                  from 100M parameters where the hardware multiplies bf16 natively; the losses stay
                  fp32). With both
                  fractions 1 and a float32 backward it is ``weights`` exactly.
