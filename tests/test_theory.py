@@ -345,6 +345,31 @@ def test_subsample_is_seeded_stratified_and_nested():
         subsample(sets, 0.0)
 
 
+def test_balanced_order_spreads_every_prefix_over_the_lengths():
+    from mergelaws.theory.quantities import balanced_order, subsample
+
+    lengths = [int(x) for x in np.random.default_rng(5).permutation(16)]  # ranks 0..15, shuffled
+    rank = {i: lengths[i] for i in range(16)}
+    firsts = np.zeros(16)
+    for seed in range(4000):
+        order = balanced_order(lengths, np.random.default_rng(seed))
+        assert sorted(order) == list(range(16))
+        for m in (2, 4, 8):  # the first m: one from each of m blocks of the sorted lengths
+            assert sorted(rank[i] // (16 // m) for i in order[:m]) == list(range(m))
+        firsts[order[0]] += 1
+    assert np.abs(firsts / 4000 - 1 / 16).max() < 0.015  # the first item is uniform over all
+    # odd sizes: every item once, the first two from the two halves
+    for seed in range(50):
+        order = balanced_order(list(range(7)), np.random.default_rng(seed))
+        assert sorted(order) == list(range(7)) and sorted(i >= 3 for i in order[:2]) == [False, True]
+    # a sample of 2 of a domain's examples: one shorter and one longer than its median
+    sets = {"a": [Example(list(range(2, 4 + n)), [IGNORE] * 2 + list(range(4, 4 + n)))
+                  for n in np.random.default_rng(4).permutation(16) + 1]}  # 1..16 targets
+    for seed in range(20):
+        two = sorted(e.n_targets for e in subsample(sets, 2 / 16, seed)["a"])
+        assert two[0] <= 8 < two[1]
+
+
 def test_losses_at_one_stream_equals_the_sweeps_per_domain_evaluation(tiny):
     from mergelaws.evaluate import evaluate_examples
 

@@ -144,13 +144,38 @@ def macro(domains: dict[str, DomainQuantities]) -> DomainQuantities:
                             np.mean([d.a for d in ds], 0), np.mean([d.G for d in ds], 0))
 
 
+def balanced_order(lengths, rng: np.random.Generator) -> list[int]:
+    """A random order of ``len(lengths)`` items whose every prefix is spread over the items sorted by
+    length: the sorted list is halved, the halves' own orders (recursively) interleaved, the half
+    that leads drawn with probability proportional to its size. Any first 2 are one from the shorter
+    half and one from the longer, any first 4 one from each quarter, and so on; the first item is
+    uniform over all. Ties in length keep the items' order."""
+    items = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+    def order(xs: list[int]) -> list[int]:
+        if len(xs) <= 1:
+            return xs
+        a, b = xs[:len(xs) // 2], xs[len(xs) // 2:]
+        if rng.random() < len(b) / len(xs):
+            a, b = b, a
+        oa, ob = order(a), order(b)
+        return [x for pair in zip(oa, ob) for x in pair] + oa[len(ob):] + ob[len(oa):]
+
+    return order(items)
+
+
 def subsample(evalsets: dict[str, list[Example]], fraction: float, seed: int = 0
               ) -> dict[str, list[Example]]:
-    """A seeded sample of each domain's eval examples, stratified per domain: ceil(fraction x n_d) of
-    domain d's n_d examples (at least one), the first ones of a permutation drawn by a generator
-    seeded with (seed, crc32 of the domain's name) -- so a domain's sample does not depend on the
-    other domains, and for one seed a smaller fraction's sample is inside a larger one's -- kept in
-    their original order. fraction >= 1 returns ``evalsets`` itself (the same lists)."""
+    """A seeded sample of each domain's eval examples, stratified per domain and, within a domain, by
+    response length: ceil(fraction x n_d) of domain d's n_d examples (at least one), the first ones of
+    a ``balanced_order`` of their target counts drawn by a generator seeded with (seed, crc32 of the
+    domain's name) -- so a sample of 2 is one shorter and one longer example, a domain's sample does
+    not depend on the other domains, and for one seed a smaller fraction's sample is inside a larger
+    one's -- kept in their original order. fraction >= 1 returns ``evalsets`` itself (the same lists).
+
+    Why by length: an expert's loss gap to the merge is largest on a response's first tokens and
+    shrinks along it, so an example's mean gap falls with its length; a sample of only short (or
+    only long) examples would misstate the single-expert losses even after ``poststratified_difference``."""
     if not fraction > 0:
         raise ValueError(f"eval fraction must be > 0, got {fraction}")
     if fraction >= 1:
@@ -159,8 +184,9 @@ def subsample(evalsets: dict[str, list[Example]], fraction: float, seed: int = 0
     for d, examples in evalsets.items():
         n = len(examples)
         m = min(n, max(1, math.ceil(fraction * n - 1e-9)))
-        order = np.random.default_rng([int(seed), zlib.crc32(d.encode())]).permutation(n)
-        out[d] = [examples[i] for i in np.sort(order[:m])]
+        order = balanced_order([e.n_targets for e in examples],
+                               np.random.default_rng([int(seed), zlib.crc32(d.encode())]))
+        out[d] = [examples[i] for i in sorted(order[:m])]
     return out
 
 
