@@ -403,41 +403,45 @@ def _token_nlls(model, params, e: Example) -> torch.Tensor:
 
 def _poststratified_singles(model, base, vectors, beta_c, sample, full) -> np.ndarray:
     """Each single expert's mean NLL difference to the center on ``sample``, post-stratified by
-    response position (first RESPONSE_STRATA positions apart, the last, the rest) with the strata's
-    shares of ``full``'s targets; a stratum the sample lacks takes the sample's overall difference."""
-    from mergelaws.theory.quantities import RESPONSE_STRATA as K
-
+    response position (the last target apart, every other position its own stratum) with the
+    strata's shares of ``full``'s targets; a position the sample lacks takes the furthest earlier
+    one it has."""
     def stratum(n):
-        return [p if p < K else (K if p == n - 1 else K + 1) for p in range(n)]
+        return ["last" if p == n - 1 else p for p in range(n)]
 
     M = len(vectors)
     pts = [point_params(base, vectors, np.eye(M)[i]) for i in range(M)] + [point_params(base, vectors, beta_c)]
     per = [[_token_nlls(model, p, e) for p in pts] for e in sample]  # example x point x targets
-    strata = [np.array(stratum(e.n_targets)) for e in sample]
-    share = np.bincount(np.concatenate([stratum(e.n_targets) for e in full]), minlength=K + 2) / sum(
-        e.n_targets for e in full)
+    labels = [stratum(e.n_targets) for e in sample]
+    every = [s for e in full for s in stratum(e.n_targets)]
     out = np.zeros(M)
     for i in range(M):
         diff = [(t[i] - t[M]).numpy() for t in per]
-        every = np.concatenate(diff).mean()
-        for h in range(K + 2):
-            vals = np.concatenate([x[st == h] for x, st in zip(diff, strata)])
-            out[i] += share[h] * (vals.mean() if len(vals) else every)
+        by = {}
+        for x, lab in zip(diff, labels):
+            for v, h in zip(x, lab):
+                by.setdefault(h, []).append(v)
+        for h in every:
+            if h not in by:  # a position beyond the sample's: the furthest earlier one it has
+                h = max(p for p in by if p != "last" and p < h)
+            out[i] += np.mean(by[h]) / len(every)
     return out
 
 
 def test_response_strata_and_the_poststratified_difference():
     from mergelaws.theory.quantities import (
+        n_strata,
         poststratified_difference,
         stratum_counts,
         token_strata,
     )
 
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    # rows of 5 targets (positions 0 1 2, a body token, the last), 2 (0 1) and 4 (0 1 2, the last)
-    assert token_strata(mask, 3).tolist() == [0, 1, 2, 4, 3, 0, 1, 0, 1, 2, 3]
+    # rows of 5, 2 and 4 targets: the last is stratum 0, position p otherwise 1 + p
+    assert token_strata(mask).tolist() == [1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 0]
     ex = [Example([0] * 7, [IGNORE] * (7 - n) + [1] * n) for n in (5, 2, 4)]  # as the mask's rows
-    assert stratum_counts(ex, 3).tolist() == [3, 3, 2, 2, 1]
+    assert n_strata(ex) == 6 and stratum_counts(ex).tolist() == [3, 3, 2, 2, 1, 0]
+    assert stratum_counts(ex, 8).tolist() == [3, 3, 2, 2, 1, 0, 0, 0]
     # a sample whose strata are in the full set's proportions: the plain mean difference
     counts = np.array([[2.0, 2.0, 2.0, 2.0, 8.0]])
     delta = np.array([0.5, 0.5, 0.5, 0.5, 1.5])  # point - center per target token, by stratum
@@ -445,12 +449,18 @@ def test_response_strata_and_the_poststratified_difference():
     point = center + counts * delta  # NLL sums
     got = poststratified_difference(point[None], center, counts, counts * 3)
     assert got.shape == (1, 1) and got[0, 0] == pytest.approx((8 * 0.5 + 8 * 1.5) / 16)
-    # the same sample against a full set with twice the share of first tokens
+    # the same sample against a full set with twice the share of last tokens
     full = np.array([[4.0, 2.0, 2.0, 2.0, 6.0]])
     assert poststratified_difference(point[None], center, counts, full)[0, 0] == pytest.approx(
         (10 * 0.5 + 6 * 1.5) / 16)
-    # no body in the sample: the body takes the sample's overall difference (0.5)
-    counts0, point0 = counts * [1, 1, 1, 1, 0], center + counts * delta * [1, 1, 1, 1, 0]
+    # positions the sample does not reach (a full set with 2 more strata than the sample's arrays,
+    # and a gap at position 1): each takes the furthest earlier position the sample has
+    full2 = np.array([[4.0, 2.0, 2.0, 2.0, 6.0, 3.0, 1.0]])
+    counts2, point2 = counts * [1, 1, 0, 1, 1], center + counts * delta * [1, 1, 0, 1, 1]
+    want = (4 * 0.5 + 2 * 0.5 + 2 * 0.5 + 2 * 0.5 + 6 * 1.5 + 3 * 1.5 + 1 * 1.5) / 20
+    assert poststratified_difference(point2[None], center, counts2, full2)[0, 0] == pytest.approx(want)
+    # no position at all in the sample (only last targets): the sample's overall difference (0.5)
+    counts0, point0 = counts * [1, 0, 0, 0, 0], center + counts * delta * [1, 0, 0, 0, 0]
     assert poststratified_difference(point0[None], center, counts0, full)[0, 0] == pytest.approx(0.5)
 
 
@@ -502,9 +512,9 @@ def test_sampled_control_variates_level_and_cost(tiny, fk, fg):
     # the gradient (g^T v_i) is the gradient sample's
     g = gradient_at(model, base, vectors, sub_g, pad_id=0, beta0=beta_c, batch_tokens=32)
     # calibrated on the control-variate estimates of the single-expert losses: L_center(full set)
-    # plus the sample's L_i - L_center (the same tokens), post-stratified by response position (the
-    # first RESPONSE_STRATA targets of each example, its last, the rest; each stratum weighed by its
-    # share of the full set's targets), from per-example forwards of every point
+    # plus the sample's L_i - L_center (the same tokens), post-stratified by response position (each
+    # example's last target apart, every other position its own stratum, each weighed by its share
+    # of the full set's targets), from per-example forwards of every point
     for j, d in enumerate(inp.evalsets):
         np.testing.assert_allclose(r.domains[d].a, g.domains[d].a, rtol=1e-6)
         est = _poststratified_singles(model, base, vectors, beta_c, sub_k[d], inp.evalsets[d]) + full_c[j]

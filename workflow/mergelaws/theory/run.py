@@ -6,12 +6,13 @@
                  model gives the exact losses of the M single-expert merges (M extra evaluations);
 * ``weights``    no JVP at all: loss and gradient at theta_0 + c mu (one backward pass), the
                  weight-space Gram v_i^T v_j as curvature, calibrated the same way;
-* ``sampled``    ``weights`` on seeded, per-domain stratified samples of the eval examples: the
+* ``sampled``    ``weights`` on seeded samples of the eval examples, per domain and balanced by
+                 response length (``subsample``): the
                  gradient on a ``theory.gradient_fraction`` sample, the M single-expert losses and the
                  center's on a smaller ``theory.eval_fraction`` sample, used as control variates --
                  the sample's differences L_i - L_center (the same tokens, so low variance),
-                 post-stratified by response position (``RESPONSE_STRATA``: each example's first
-                 target tokens, its last, the rest, weighed by their shares of the full eval set),
+                 post-stratified by response position (each example's last target, and every
+                 other position apart, weighed by their shares of the full eval set's targets),
                  added to the center's loss on the full eval set (the gradient sample's loss plus
                  one forward pass over the rest). Its backward runs in ``theory.backward_dtype`` (auto: bf16
                  from 100M parameters where the hardware multiplies bf16 natively; the losses stay
@@ -42,6 +43,7 @@ from mergelaws.theory.quantities import (
     gram_at,
     losses_at,
     macro,
+    n_strata,
     poststratified_difference,
     resolve_backward_dtype,
     stack_vectors,
@@ -51,6 +53,7 @@ from mergelaws.theory.quantities import (
     subsample,
     sweep_positions,
     weight_gram,
+    widen_strata,
 )
 
 VARIANTS = ("theta0", "center", "calibrated", "weights", "sampled")
@@ -282,8 +285,9 @@ def _sampled(inp: SizeInputs, method, beta_c, coef1, sample, samples, draw_secon
                                   f"coef {coef1:g}" + ("" if nested else f", {ck}") + tag("eval_fraction")),
                                  lambda: stratified_losses_at(inp.model, inp.base, inp.vectors, points, sub_k,
                                                               pad_id=inp.pad_id, batch_tokens=kw["batch_tokens"]))
-        center = np.array([x.part_strata[d][0] for d in inp.evalsets]) if nested else sums[M]
-        full = np.array([stratum_counts(inp.evalsets[d]) for d in inp.evalsets])
+        width = n_strata(e for ex in inp.evalsets.values() for e in ex)
+        center = np.array([widen_strata(x.part_strata[d][0], width) for d in inp.evalsets]) if nested else sums[M]
+        full = np.array([stratum_counts(inp.evalsets[d], width) for d in inp.evalsets])
         # each single's loss: the full set's center loss plus the sample's difference to the center
         k1 = level[None] + poststratified_difference(sums[:M], center, counts, full)
         res.seconds += s1
